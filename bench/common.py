@@ -1,0 +1,101 @@
+"""Helpers shared by the bench scripts: run a child process and measure it, describe the machine, print tables.
+
+Every figure is taken on a whole child process (imports, model load and all), because that is what a user
+waits for when they type `python train.py` or `python infer.py`.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ChildRun:
+    wall_s: float        # from Popen to the child's exit
+    peak_rss_mib: float  # the child's own high-water RSS (kernel ru_maxrss), not ours
+    returncode: int
+    log: Path            # its stdout + stderr
+
+
+def run_child(command: list[str], log: Path, env: dict | None = None) -> ChildRun:
+    """Run `command` in the repo root, stdout+stderr to `log`; return wall time and the child's peak RSS.
+
+    os.wait4 gives the rusage of exactly this child. getrusage(RUSAGE_CHILDREN) would give the maximum over
+    every child reaped so far, which is useless once we alternate two programs.
+    """
+    with open(log, "w") as handle:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:  # Ctrl-C: do not leave the child running
+            child.kill()
+            child.wait()
+            raise
+        wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return ChildRun(wall, usage.ru_maxrss / 1024, child.returncode, log)  # ru_maxrss is KiB on Linux
+
+
+def check(run: ChildRun, what: str) -> None:
+    """Stop the benchmark with the end of the child's log when it failed: a timing of a crash is no timing."""
+    if run.returncode != 0:
+        tail = run.log.read_text(errors="replace").splitlines()[-20:]
+        sys.exit(f"{what} failed (exit {run.returncode}); last lines of {run.log}:\n" + "\n".join(tail))
+
+
+def default_data_dir(cli_value: str | None) -> Path:
+    """--data-dir, else $NEU_DATA_DIR, else ../shared/neu-det beside the repo; absolute, must exist."""
+    folder = Path(cli_value or os.environ.get("NEU_DATA_DIR") or ROOT.parent / "shared" / "neu-det")
+    folder = folder.expanduser().resolve()
+    if not folder.is_dir():
+        sys.exit(f"error: NEU data folder not found: {folder} (use --data-dir or NEU_DATA_DIR)")
+    return folder
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_lines() -> list[str]:
+    """CPU, cores, load, and torch as the children see it (asked of a child, so this process stays light;
+    it also loads torch from disk once before anything is timed)."""
+    probe = subprocess.run([sys.executable, "-c", "import torch, torchvision, cv2; "
+                            "print(torch.__version__, torchvision.__version__, cv2.__version__, "
+                            "torch.get_num_threads(), torch.cuda.is_available())"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    torch_v, vision_v, cv2_v, threads, cuda = probe
+    usable = len(os.sched_getaffinity(0))
+    return [f"CPU: {cpu_model()}, {os.cpu_count()} cores ({usable} usable by this process); "
+            f"load average {load_average()}",
+            f"Python {platform.python_version()}, torch {torch_v} ({threads} threads, CUDA available: {cuda}), "
+            f"torchvision {vision_v}, OpenCV {cv2_v}"]
+
+
+def load_average() -> str:
+    """1, 5 and 15 minute load: above the core count, other work competed with the bench for the CPU."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def median(values) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

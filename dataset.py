@@ -1,0 +1,323 @@
+"""NEU surface-defect data: finding images, labels, the split, and the one preprocessing function.
+
+Everything that turns a file into model input lives here, so that train.py, infer.py and evaluate.py
+cannot drift apart: they all call `open_image` + `to_model_pixels` + `normalize` (or `preprocess`, which
+is those three in a row).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from runtime import UserError, write_csv
+
+# ---------------------------------------------------------------------------------------------------------
+# Classes and labels: the one place that maps NEU class names to the binary task.
+# ---------------------------------------------------------------------------------------------------------
+NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+NEU_CODES = {"cr": "crazing", "in": "inclusion", "pa": "patches", "ps": "pitted_surface",
+             "rs": "rolled-in_scale", "sc": "scratches"}  # NEU-CLS file-name prefixes
+DEFECT_CLASS = "scratches"
+BINARY_CLASSES = ["non-defect", "defect"]  # index == label
+
+
+def binary_label(neu_class: str) -> int:
+    """Scratches are the defect we detect (1); the other five NEU textures are non-defect (0)."""
+    if neu_class not in NEU_CLASSES:
+        raise ValueError(f"unknown NEU class {neu_class!r}")
+    return int(neu_class == DEFECT_CLASS)
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_DATA_DIR = "data/NEU-DET"
+SPLIT_FRACTIONS = (0.70, 0.15, 0.15)  # train, val, test
+SPLITS = ("train", "val", "test")
+
+
+# open_image refuses images over Pillow's pixel limit itself (an error row, not a warning); a warnings
+# filter set per call would not be thread-safe, and infer.py decodes in a reader thread.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class DataError(UserError):
+    """A problem with the data folder, reported to the user as one line."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading one image: any mode to 8-bit RGB, resized to the model size without cropping.
+# ---------------------------------------------------------------------------------------------------------
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_rgb8(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB. 16/32-bit and float images are rescaled, not clipped at 255."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
+            values = values * 255.0
+        elif image.mode != "F":
+            values = values / 257.0  # 16-bit full range -> 8-bit full range
+        gray = np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(path: str | Path, image_size: int) -> Image.Image:
+    """Decode an image file into 8-bit RGB.
+
+    Large JPEGs are decoded at a reduced scale (never below `image_size`) so that a 6000x4000 photo
+    never sits in memory at full size; Pillow's decompression-bomb limit is an error, not a warning.
+    """
+    with Image.open(path) as image:
+        if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"image of {image.width}x{image.height} pixels exceeds the "
+                                               f"limit of {Image.MAX_IMAGE_PIXELS} (decompression bomb?)")
+        image.draft("RGB", (image_size, image_size))
+        image = ImageOps.exif_transpose(image)
+        image.load()
+        return _to_rgb8(image)
+
+
+def to_model_pixels(image: Image.Image, image_size: int) -> np.ndarray:
+    """Resize the whole image to image_size x image_size (no crop: defects reach the border) -> uint8 HxWx3.
+    A writable copy: torch warns about (and must not share) the read-only buffer np.asarray gives."""
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    return np.array(image, dtype=np.uint8)
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+
+
+def normalize(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) with ImageNet mean/std, in channels_last memory."""
+    batch = torch.as_tensor(pixels).permute(0, 3, 1, 2).float()
+    return ((batch - _MEAN) / _STD).contiguous(memory_format=torch.channels_last)
+
+
+def preprocess(path: str | Path, image_size: int) -> torch.Tensor:
+    """The one preprocessing function: file -> normalised (3, S, S) tensor, as train/infer/evaluate see it."""
+    return normalize(to_model_pixels(open_image(path, image_size), image_size)[None])[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding images in the layouts people download.
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    path: Path          # absolute path of the image file
+    relpath: str        # path relative to the data folder, with "/" separators (the sample's name)
+    neu_class: str
+
+    @property
+    def label(self) -> int:
+        return binary_label(self.neu_class)
+
+
+def _squash(name: str) -> str:
+    return re.sub(r"[^a-z]", "", name.lower())
+
+
+def class_from_folder(name: str) -> str | None:
+    """'Scratches', 'sc', 'Rolled', 'rolled-in_scale', 'PS' ... -> NEU class, or None if no single match."""
+    key = _squash(name)
+    if len(key) < 2:
+        return None
+    if key in NEU_CODES:
+        return NEU_CODES[key]
+    matches = [c for c in NEU_CLASSES if _squash(c).startswith(key) or key.startswith(_squash(c))]
+    return matches[0] if len(matches) == 1 else None
+
+
+def class_from_filename(name: str) -> str | None:
+    """'scratches_12.jpg' (NEU-DET) or 'Sc_12.bmp' (NEU-CLS) -> NEU class; None if the name says nothing."""
+    stem = Path(name).stem.lower()
+    for neu_class in NEU_CLASSES:
+        if re.fullmatch(re.escape(neu_class) + r"[_\- ]?\(?\d+\)?", stem):
+            return neu_class
+    m = re.fullmatch(r"([a-z]{2})[_\- ]?\(?\d+\)?", stem)
+    return NEU_CODES.get(m.group(1)) if m else None
+
+
+def _hidden(name: str) -> bool:
+    """macOS zips carry __MACOSX/ and ._name.jpg resource forks: not images, whatever their extension."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p) and not _hidden(p.name))
+
+
+def _samples_by_name(root: Path, files: list[Path]) -> list[Sample]:
+    samples = []
+    for path in files:
+        neu_class = class_from_filename(path.name)
+        if neu_class is None:
+            raise DataError(f"cannot tell the NEU class of {path}: its name starts with no class name or code")
+        samples.append(Sample(path, path.relative_to(root).as_posix(), neu_class))
+    return samples
+
+
+def _samples_by_folder(root: Path) -> list[Sample]:
+    samples = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        folder = Path(folder)
+        neu_class = class_from_folder(folder.name)
+        if neu_class is None:
+            continue
+        for name in sorted(files):
+            if not is_image_file(name) or _hidden(name):
+                continue
+            named = class_from_filename(name)
+            path = folder / name
+            if named is not None and named != neu_class:
+                raise DataError(f"ambiguous class for {path}: folder says {neu_class}, file name says {named}")
+            samples.append(Sample(path, path.relative_to(root).as_posix(), neu_class))
+    return sorted(samples, key=lambda s: s.relpath)
+
+
+def _child(folder: Path, name: str) -> Path | None:
+    for child in folder.iterdir():
+        if child.is_dir() and child.name.lower() == name:
+            return child
+    return None
+
+
+def find_samples(data_dir: str | Path, require_all_classes: bool = True, verbose: bool = True
+                 ) -> tuple[list[Sample], str]:
+    """Find every NEU image under data_dir; returns (samples sorted by relpath, layout name).
+
+    Layouts, detected in this order:
+      NEU-DET  IMAGES/<class>_<n>.jpg (+ ANNOTATIONS/*.xml)
+      NEU-CLS  one flat folder of <Cr|In|Pa|PS|RS|Sc>_<n>.bmp (or <class>_<n>.jpg)
+      folders  one subfolder per class, any spelling, at any depth (e.g. under train/ valid/ test/)
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root} (use --data-dir or NEU_DATA_DIR)")
+    root = root.resolve()
+    images_dir = _child(root, "images")
+    # IMAGES/ may instead hold one folder per class (Kaggle's NEU-DET): then the folder rule below applies
+    det_images = _image_files(images_dir) if images_dir and _child(root, "annotations") else []
+    flat_images = _image_files(root)
+    if det_images:
+        layout, samples = "NEU-DET", _samples_by_name(root, det_images)
+    elif flat_images:
+        layout, samples = "NEU-CLS", _samples_by_name(root, flat_images)
+    else:
+        layout, samples = "class folders", _samples_by_folder(root)
+    if not samples:
+        raise DataError(f"no NEU images found under {root} (expected IMAGES/ + ANNOTATIONS/, "
+                        f"a flat folder of Cr_/In_/Pa_/PS_/RS_/Sc_ images, or one folder per class)")
+    counts = {c: sum(s.neu_class == c for s in samples) for c in NEU_CLASSES}
+    missing = [c for c, n in counts.items() if n == 0]
+    if missing and require_all_classes:
+        raise DataError(f"class {', '.join(missing)} missing under {root} (layout {layout})")
+    if verbose:
+        listed = ", ".join(f"{c} {n}" for c, n in counts.items())
+        print(f"data: {root} ({layout}): {len(samples)} images: {listed}")
+    return samples, layout
+
+
+def first_per_class(samples: list[Sample], limit: int) -> list[Sample]:
+    """The first `limit` samples (by name) of each class, for quick runs; limit 0 keeps everything."""
+    if not limit:
+        return samples
+    return sorted((s for c in NEU_CLASSES for s in [x for x in samples if x.neu_class == c][:limit]),
+                  key=lambda s: s.relpath)
+
+
+def resolve_data_dir(cli_value: str | None) -> Path:
+    """--data-dir, else $NEU_DATA_DIR, else data/NEU-DET."""
+    return Path(cli_value or os.environ.get("NEU_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The split: stratified by NEU class, seeded, byte-identical files kept together.
+# ---------------------------------------------------------------------------------------------------------
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def split_samples(samples: list[Sample], seed: int, fractions=SPLIT_FRACTIONS) -> dict[str, list[Sample]]:
+    """Stratified train/val/test split. Byte-identical files form one group and land in the same split,
+    so a duplicate can never leak a test image into training. Depends only on file contents, names and seed."""
+    groups: dict[str, list[Sample]] = {}
+    for sample in sorted(samples, key=lambda s: s.relpath):
+        group = groups.setdefault(file_digest(sample.path), [])
+        if group and group[0].neu_class != sample.neu_class:
+            raise DataError(f"{sample.path} is byte-identical to {group[0].path} but labelled "
+                            f"{sample.neu_class}, not {group[0].neu_class}: remove one of them")
+        group.append(sample)
+    rng = np.random.default_rng(seed)
+    result: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+    for neu_class in NEU_CLASSES:
+        class_groups = [g for g in groups.values() if g[0].neu_class == neu_class]
+        order = rng.permutation(len(class_groups))
+        total = sum(len(g) for g in class_groups)
+        wanted_test = round(total * fractions[2])
+        wanted_val = round(total * fractions[1])
+        taken = {"test": 0, "val": 0}
+        for index in order:
+            group = class_groups[index]
+            if taken["test"] < wanted_test:
+                split = "test"
+            elif taken["val"] < wanted_val:
+                split = "val"
+            else:
+                split = "train"
+            if split != "train":
+                taken[split] += len(group)
+            result[split].extend(group)
+    return {name: sorted(items, key=lambda s: s.relpath) for name, items in result.items()}
+
+
+def split_digest(samples: list[Sample]) -> str:
+    """A short fingerprint of a list of samples, so evaluate.py can check it re-derived the same split."""
+    return hashlib.sha256("\n".join(s.relpath for s in samples).encode()).hexdigest()[:16]
+
+
+def write_splits_csv(splits: dict[str, list[Sample]], path: Path) -> None:
+    rows = sorted((s.relpath, s.neu_class, s.label, name) for name, items in splits.items() for s in items)
+    write_csv(path, ["image", "neu_class", "label", "split"], rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode once, keep in memory.
+# ---------------------------------------------------------------------------------------------------------
+def load_pixels(samples: list[Sample], image_size: int, progress: bool = True) -> np.ndarray:
+    """Decode every sample once into a uint8 (N, S, S, 3) array (1500 NEU images at 224 px: ~225 MB).
+    The progress bar goes to stdout like the scripts' other bars: stderr is kept for warnings and errors."""
+    from tqdm import tqdm
+
+    pixels = np.empty((len(samples), image_size, image_size, 3), dtype=np.uint8)
+    bar = tqdm(samples, desc="decode", unit="img", disable=not progress, leave=False, file=sys.stdout)
+    for i, sample in enumerate(bar):
+        try:
+            pixels[i] = to_model_pixels(open_image(sample.path, image_size), image_size)
+        except Exception as error:  # Pillow raises many types for a damaged file; the user needs the path
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise DataError(f"cannot read {sample.path}: {reason}") from None
+    return pixels
+
+
+def labels_of(samples: list[Sample]) -> np.ndarray:
+    return np.array([s.label for s in samples], dtype=np.int64)

@@ -1,0 +1,270 @@
+"""Classify every image in a folder as defect (scratch) / non-defect and draw a Grad-CAM overlay for each.
+
+    python infer.py                                  # test_images/ -> outputs/predictions.csv + outputs/gradcam/
+    python infer.py --input /line3/today --output /line3/report --no-cam
+
+Decoding runs in a reader thread and overlay encoding in a writer thread while the model works on the
+current batch; both queues are bounded, so memory does not grow with the number of images.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import queue
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import dataset
+from gradcam import GradCAM, METHODS, encode_png, render_overlay, resolve_layer
+from model import load_checkpoint, pick_device
+from runtime import UserError, atomic_write, ensure_writable_dir, run_main, write_csv
+
+# The default explanation, chosen on the validation split by evaluate.py's localization table (README).
+DEFAULT_CAM = "layercam"
+DEFAULT_CAM_LAYER = "features.5"
+DISPLAY_MAX_SIDE = 512          # overlays of large photos are drawn at most this wide/high
+CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status"]
+OVERLAY_DIR = "gradcam"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", default="test_images", help="folder of images, searched recursively (default: %(default)s)")
+    p.add_argument("--output", default="outputs", help="folder for predictions.csv and gradcam/ (default: %(default)s)")
+    p.add_argument("--model", default="model_binary.pth", help="checkpoint (default: %(default)s)")
+    p.add_argument("--threshold", type=float, help="defect if p(defect) >= this (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cam", choices=sorted(METHODS), default=DEFAULT_CAM, help="CAM method (default: %(default)s)")
+    p.add_argument("--cam-layer", default=DEFAULT_CAM_LAYER, help="layer to explain (default: %(default)s)")
+    p.add_argument("--no-cam", action="store_true", help="predictions only, no overlays (faster)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        p.error("--threshold must be between 0 and 1")
+    return args
+
+
+def find_images(folder: Path, skip: Path | None = None) -> list[Path]:
+    """Image files under `folder` (any depth, extension in any case), sorted by relative path. `skip` (our
+    own overlay folder, when --output lies inside --input) is left out, or each run would explain the last's."""
+    skip = skip.resolve() if skip is not None else None
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() != skip]
+        found.extend(Path(root) / name for name in files
+                     if dataset.is_image_file(name) and not name.startswith(".")  # macOS ._name.jpg forks
+                     and os.path.isfile(os.path.join(root, name)))  # a FIFO named x.jpg would block the reader
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def printable(text: str) -> str:
+    """A file name that is not valid UTF-8 (surrogate-escaped by Python) as text: \\udce4 instead of a crash."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def overlay_names(relpaths: list[str]) -> dict[str, str]:
+    """<relpath without extension>_gradcam.png; where two inputs share that (a.jpg, a.png), both keep their
+    extension in the name (a_jpg_gradcam.png, a_png_gradcam.png). Any name still taken (a_jpg.png exists
+    too, or it differs only in case, which macOS/Windows disks do not tell apart) gets _2, _3 ..., so no
+    overlay ever overwrites another."""
+    stems = Counter(r.rsplit(".", 1)[0] for r in relpaths)
+    names, taken = {}, set()
+    for r in sorted(relpaths):
+        stem, ext = r.rsplit(".", 1)
+        base = printable(stem if stems[stem] == 1 else f"{stem}_{ext}")
+        name, n = f"{OVERLAY_DIR}/{base}_gradcam.png", 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{OVERLAY_DIR}/{base}_{n}_gradcam.png"
+        taken.add(name.lower())
+        names[r] = name
+    return names
+
+
+@dataclass
+class Decoded:
+    relpath: str
+    pixels: np.ndarray | None = None     # model input, uint8 S x S x 3
+    display: np.ndarray | None = None    # RGB for the overlay, at most DISPLAY_MAX_SIDE
+    error: str | None = None
+
+
+def decode(path: Path, relpath: str, image_size: int, with_display: bool) -> Decoded:
+    """One file -> model pixels (+ display image); any failure becomes an error reason, never an exception."""
+    try:
+        image = dataset.open_image(path, image_size)
+        display = None
+        if with_display:
+            shown = image.copy()
+            shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.BILINEAR)
+            display = np.asarray(shown)
+        return Decoded(relpath, dataset.to_model_pixels(image, image_size), display)
+    except Exception as error:  # one bad file must never stop the batch: PIL raises many types
+        reason = " ".join(str(error).split()) or type(error).__name__
+        return Decoded(relpath, error=f"{type(error).__name__}: {reason}"[:300])
+
+
+def read_ahead(paths, root: Path, image_size: int, with_display: bool, out: queue.Queue, stop: threading.Event):
+    """Reader thread: decode files in order into a bounded queue; None marks the end."""
+    for path in paths:
+        if stop.is_set():
+            break
+        out.put(decode(path, path.relative_to(root).as_posix(), image_size, with_display))
+    out.put(None)
+
+
+def write_overlays(jobs: queue.Queue, output: Path, failures: dict):
+    """Writer thread: render, encode and write each overlay (temp file + rename); None ends it."""
+    while (job := jobs.get()) is not None:
+        relpath, overlay_name, display, heatmap, prediction, probability = job
+        try:
+            data = encode_png(render_overlay(display, heatmap, prediction, probability))
+            with atomic_write(output / overlay_name, "wb", fsync=False) as handle:
+                handle.write(data)
+        except Exception as error:  # a full disk or odd path fails this overlay, not the run
+            failures[relpath] = f"overlay not written: {type(error).__name__}: {error}"
+
+
+def previous_overlays(csv_path: Path) -> set[str]:
+    """Overlay paths listed by an earlier run's predictions.csv (the only files we may clean up)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            return {row["gradcam"] for row in csv.DictReader(handle) if row.get("gradcam")}
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError):
+        return set()
+
+
+def remove_stale_overlays(output: Path, old: set[str], new: set[str]) -> int:
+    """Delete overlays the previous CSV lists and this run did not rewrite. Only names we could have made
+    (gradcam/..._gradcam.png, no '..', not a link): a hand-edited CSV must not delete the user's files."""
+    removed = 0
+    for name in old - new:
+        parts = Path(name).parts
+        target = output / name
+        if (len(parts) > 1 and parts[0] == OVERLAY_DIR and ".." not in parts and name.endswith("_gradcam.png")
+                and not target.is_symlink() and target.is_file()):
+            target.unlink()
+            removed += 1
+    return removed
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    # the quick checks first: a wrong folder should not cost a model load
+    root = Path(args.input)
+    fill = "`python train.py` fills test_images/ with its held-out NEU test images; or pass --input FOLDER"
+    if not root.is_dir():
+        raise UserError(f"input folder not found: {root}. {fill}")
+    paths = find_images(root, skip=Path(args.output) / OVERLAY_DIR)
+    if not paths:
+        raise UserError(f"no images (.jpg .jpeg .png .bmp .tif .tiff) in {root}. {fill}")
+    output = ensure_writable_dir(args.output, "the output folder")
+    device = pick_device(args.device)
+    model, meta = load_checkpoint(args.model, device)
+    threshold = meta["threshold"] if args.threshold is None else args.threshold
+    image_size = int(meta["image_size"])
+    cam = None
+    if not args.no_cam:
+        try:
+            cam = GradCAM(model, resolve_layer(model, args.cam_layer), args.cam)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+
+    relpaths = [p.relative_to(root).as_posix() for p in paths]
+    names = overlay_names(relpaths)
+    csv_path = output / "predictions.csv"
+    old_overlays = previous_overlays(csv_path)
+    print(f"{len(paths)} images in {root}; model {args.model} (image size {image_size}, threshold {threshold:.4f}); "
+          f"{'no CAM' if cam is None else f'{args.cam} on {args.cam_layer}'}; device {device}")
+
+    stop = threading.Event()
+    decoded: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
+    jobs: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
+    overlay_failures: dict[str, str] = {}
+    reader = threading.Thread(target=read_ahead, daemon=True,
+                              args=(paths, root, image_size, cam is not None, decoded, stop))
+    writer = threading.Thread(target=write_overlays, args=(jobs, output, overlay_failures), daemon=True)
+    reader.start()
+    writer.start()
+    results: dict[str, tuple] = {}
+    bar = tqdm(total=len(paths), unit="img", desc="infer", file=sys.stdout)
+    try:
+        finished = False
+        while not finished:
+            batch = []
+            while len(batch) < args.batch_size:
+                item = decoded.get()
+                if item is None:
+                    finished = True
+                    break
+                if item.error:
+                    results[item.relpath] = ("", "", "", "", f"error: {item.error}")
+                    bar.update(1)
+                else:
+                    batch.append(item)
+            if not batch:
+                continue
+            images = dataset.normalize(np.stack([item.pixels for item in batch])).to(device)
+            if cam is None:
+                with torch.no_grad():
+                    logits = model(images)
+                heatmaps = None
+            else:
+                heatmaps, logits = cam.explain(images, target_class=1)  # where the model sees the defect
+                heatmaps = heatmaps.cpu().numpy()
+            probabilities = logits.float().softmax(1)[:, 1].cpu().numpy()
+            for i, item in enumerate(batch):
+                probability = float(probabilities[i])
+                label = int(probability >= threshold)
+                prediction = dataset.BINARY_CLASSES[label]
+                overlay = ""
+                if heatmaps is not None:
+                    overlay = names[item.relpath]
+                    jobs.put((item.relpath, overlay, item.display, heatmaps[i], prediction, probability))
+                results[item.relpath] = (prediction, label, f"{probability:.4f}", overlay, "ok")
+            bar.update(len(batch))
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                decoded.get_nowait()
+            except queue.Empty:
+                reader.join(0.05)
+        jobs.put(None)
+        writer.join()  # the writer finishes its current file, so no temp file is left behind
+        bar.close()
+
+    rows = []
+    for relpath in relpaths:
+        prediction, label, probability, overlay, status = results[relpath]
+        if relpath in overlay_failures:
+            overlay, status = "", f"error: {overlay_failures[relpath]}"
+        rows.append([relpath, prediction, label, probability, overlay, status])
+    write_csv(csv_path, CSV_COLUMNS, rows)
+    removed = remove_stale_overlays(output, old_overlays, {r[4] for r in rows if r[4]})
+
+    seconds = time.time() - started
+    defects = sum(r[2] == 1 for r in rows)
+    errors = sum(r[5] != "ok" for r in rows)
+    print(f"{len(rows)} images: {defects} defect, {len(rows) - defects - errors} non-defect, {errors} errors; "
+          f"{seconds:.1f}s, {len(rows) / seconds:.1f} images/s -> {csv_path}"
+          + (f", overlays in {output / OVERLAY_DIR}/" if cam is not None else "")
+          + (f" ({removed} stale overlays of the previous run removed)" if removed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

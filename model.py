@@ -1,0 +1,192 @@
+"""The model (EfficientNet-B0 with a 2-way head) and the one reader and one writer of its checkpoint."""
+from __future__ import annotations
+
+import datetime
+import pickle
+import re
+import socket
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
+
+from dataset import BINARY_CLASSES, IMAGENET_MEAN, IMAGENET_STD, normalize
+from runtime import UserError, atomic_write
+
+ARCH = "efficientnet_b0"
+IMAGENET_WEIGHTS = EfficientNet_B0_Weights.IMAGENET1K_V1
+
+
+class CheckpointError(UserError):
+    """The checkpoint cannot be used; the message is one line for the user."""
+
+
+class PretrainedUnavailable(UserError):
+    """ImageNet weights could be neither found in the torch hub cache nor downloaded."""
+
+
+def _two_way_head(model: nn.Module) -> nn.Module:
+    """Give the model a fresh 2-way classifier with small weights.
+
+    torchvision initialises the head uniformly in +-1/sqrt(num_classes): fine for 1000 classes, but
+    +-0.71 for two, which starts training at a loss near 5 instead of ln 2 and wastes the first epoch."""
+    linear = nn.Linear(model.classifier[1].in_features, len(BINARY_CLASSES))
+    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    model.classifier[1] = linear
+    return model
+
+
+def imagenet_state_dict(download_timeout_s: float = 30.0) -> dict:
+    """ImageNet-1k weights from the torch hub cache ($TORCH_HOME/hub/checkpoints), downloading if needed."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(download_timeout_s)  # a blocked network should fail, not hang
+    try:
+        # weights_only: a file planted in the hub cache is a pickle too, and must not run code
+        return IMAGENET_WEIGHTS.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except Exception as error:  # URLError, timeouts, hash mismatch, a corrupt cached file ...
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+        raise PretrainedUnavailable(f"{_first_line(error)} (looked for {cache}, "
+                                    f"then tried {IMAGENET_WEIGHTS.url})") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def build_model(pretrained: str = "auto") -> tuple[nn.Module, str]:
+    """EfficientNet-B0 with a 2-way head. Returns (model, initialisation actually used).
+
+    pretrained: 'imagenet' (ImageNet weights or PretrainedUnavailable), 'auto' (ImageNet when they can be
+    had, else a loud warning and random init) or 'none' (random init, never tries the network).
+    """
+    if pretrained not in ("auto", "imagenet", "none"):
+        raise ValueError(f"pretrained must be auto, imagenet or none, not {pretrained!r}")
+    if pretrained != "none":
+        try:
+            state = imagenet_state_dict()
+            model = efficientnet_b0()
+            try:
+                model.load_state_dict(state)
+            except (RuntimeError, TypeError, AttributeError) as error:  # a cached file of the wrong model
+                cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+                raise PretrainedUnavailable(f"{cache} does not fit {ARCH}: {_first_line(error)}") from None
+            return _two_way_head(model), f"imagenet ({ARCH} {IMAGENET_WEIGHTS})"
+        except PretrainedUnavailable as error:
+            if pretrained == "imagenet":
+                raise
+            print(f"WARNING: ImageNet weights unavailable, training from RANDOM INIT instead. {error}",
+                  file=sys.stderr)
+            return _two_way_head(efficientnet_b0()), "none (random init: ImageNet weights unavailable)"
+    return _two_way_head(efficientnet_b0()), "none (random init, --pretrained none)"
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict) -> None:
+    """Write {state_dict, arch, classes, versions, date, **metadata} atomically: temp file, fsync, rename.
+    An interrupted save leaves the previous checkpoint untouched."""
+    path = Path(path)
+    checkpoint = {
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "arch": ARCH,
+        "classes": list(BINARY_CLASSES),
+        "torch_version": str(torch.__version__),  # TorchVersion is not a plain str: weights_only refuses it
+        "torchvision_version": str(torchvision.__version__),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **metadata,
+    }
+    with atomic_write(path, "wb") as handle:
+        torch.save(checkpoint, handle)
+
+
+REQUIRED_KEYS = ("state_dict", "arch", "classes", "image_size", "mean", "std", "threshold")
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """The informative first sentence of an exception, on one line: torch's messages run to paragraphs."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    # load_state_dict: "Error(s) in loading state_dict for X:" then the details; take the first detail
+    text = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines[0] if lines else "")
+    text = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_metadata(path: Path, checkpoint: dict) -> None:
+    """Reject metadata infer/evaluate would choke on or silently misuse (they normalise with dataset's mean/std)."""
+    size, threshold = checkpoint["image_size"], checkpoint["threshold"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise CheckpointError(f"{path}: image_size must be a positive integer, not {size!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise CheckpointError(f"{path}: threshold must be a number in [0, 1], not {threshold!r}")
+    for key, expected in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        try:
+            ok = len(checkpoint[key]) == 3 and all(abs(float(a) - b) < 1e-6 for a, b in zip(checkpoint[key], expected))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: trained with {key} {checkpoint[key]!r}, but this program "
+                                  f"normalises with {list(expected)}")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Read a checkpoint written by save_checkpoint -> (model in eval mode, metadata without state_dict).
+
+    weights_only=True: a .pth is a pickle, and a malicious one runs code on load; this refuses anything
+    but tensors and plain containers. Every failure is a CheckpointError with a one-line message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path} (train one with: python train.py)")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickles on stderr; the error below says it all
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        blocked = re.search(r"^.*(unsupported|GLOBAL).*$", re.sub(r"\x1b\[[0-9;]*m", "", str(error)), re.I | re.M)
+        if not blocked:
+            raise CheckpointError(f"cannot read {path}: not a valid checkpoint ({_first_line(error)})") from None
+        detail = blocked.group(0).strip().split(". Please")[0][:200]
+        raise CheckpointError(f"refused to load {path}: it holds more than weights and may carry code, "
+                              f"which is never run (weights_only=True): {detail}") from None
+    except Exception as error:  # weights_only runs no code, so any failure here is a damaged or foreign file
+        raise CheckpointError(f"cannot read {path}: not a valid checkpoint or truncated "
+                              f"({_first_line(error)})") from None
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a model_binary checkpoint (needs keys {', '.join(REQUIRED_KEYS)})")
+    if checkpoint["arch"] != ARCH:
+        raise CheckpointError(f"{path} is for architecture {checkpoint['arch']!r}, this program runs {ARCH}")
+    if not isinstance(checkpoint["classes"], (list, tuple)) or list(checkpoint["classes"]) != BINARY_CLASSES:
+        raise CheckpointError(f"{path} has classes {checkpoint['classes']!r}, expected {BINARY_CLASSES}")
+    _check_metadata(path, checkpoint)
+    model = efficientnet_b0(num_classes=len(BINARY_CLASSES))
+    state = checkpoint["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except Exception as error:  # wrong architecture or head size, or not a state_dict at all
+        raise CheckpointError(f"{path}: weights do not fit {ARCH} with {len(BINARY_CLASSES)} classes "
+                              f"({_first_line(error)})") from None
+    if not all(v.isfinite().all() for v in state.values() if v.is_floating_point()):
+        raise CheckpointError(f"{path}: weights contain NaN or infinity (a diverged training run?)")
+    metadata = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    model.to(device=device, memory_format=torch.channels_last).eval()
+    return model, metadata
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, pixels: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """Defect probability for each uint8 (N, S, S, 3) image, in order, in batches."""
+    model.eval()
+    out = [model(normalize(pixels[start:start + batch_size]).to(device)).float().softmax(1)[:, 1].cpu()
+           for start in range(0, len(pixels), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def pick_device(choice: str) -> torch.device:
+    """'auto' -> cuda when present, else cpu; 'cuda' without a GPU is an error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA GPU is available")
+    return torch.device(choice)

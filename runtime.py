@@ -1,0 +1,76 @@
+"""Process plumbing shared by the scripts: one-line errors, signals, atomic files, the output-folder check."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Something the user can fix (a path, a flag, a file); printed as one line, exit code 2."""
+
+
+def run_main(main) -> None:
+    """Run a script's main(): user-facing errors become one stderr line and exit 2, Ctrl-C exits 130."""
+    exit_on_sigterm()
+    try:
+        code = main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was left behind", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so `finally` blocks remove temp files, as for Ctrl-C."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def ensure_writable_dir(folder: str | Path, what: str) -> Path:
+    """Create `folder` if needed and prove we can write there, before any slow work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write to {what} {folder}: {error.strerror or error}") from None
+    return folder
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w", fsync: bool = True, **kwargs):
+    """Open a temp file beside `path`; rename it over `path` only when the block finishes without error.
+    fsync=True also survives a power cut; worth it for the model and the CSV, not for every overlay."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **kwargs) as handle:
+            yield handle
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_csv(path: str | Path, header: list[str], rows) -> None:
+    """UTF-8; a file name that is not valid UTF-8 is written as \\udce4 escapes rather than failing the run."""
+    try:
+        with atomic_write(path, newline="", encoding="utf-8", errors="backslashreplace") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+    except OSError as error:  # disk full, or the name is taken by a folder: the old file is still intact
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None

@@ -1,0 +1,62 @@
+"""Shared fixtures. Tests make their own small images; real NEU data only through $NEU_DATA_DIR."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dataset  # noqa: E402
+from model import build_model, save_checkpoint  # noqa: E402
+
+
+def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts as a user would: a separate process, output captured."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def synthetic_image(kind: str = "plain", size: int = 64, seed: int = 0) -> np.ndarray:
+    """A grey steel-like texture; kind='scratch' adds a bright vertical line. uint8 HxW."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(128, 12, (size, size)).clip(0, 255)
+    if kind == "scratch":
+        image[:, size // 3:size // 3 + 2] = 235
+    return image.astype(np.uint8)
+
+
+def save_image(path: Path, kind: str = "plain", size: int = 64, seed: int = 0, mode: str = "L") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(synthetic_image(kind, size, seed)).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def neu_dir() -> Path:
+    """The real NEU-DET copy ($NEU_DATA_DIR). Required in CI; skipped elsewhere when unset."""
+    value = os.environ.get("NEU_DATA_DIR")
+    if not value or not Path(value).is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("NEU_DATA_DIR must point at the NEU-DET copy in CI")
+        pytest.skip("NEU_DATA_DIR not set")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained (random-init, seeded) checkpoint at 64 px: valid format, instant to make."""
+    torch.manual_seed(0)
+    model, init = build_model("none")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    save_checkpoint(path, model, {"image_size": 64, "mean": list(dataset.IMAGENET_MEAN),
+                                  "std": list(dataset.IMAGENET_STD), "threshold": 0.5, "pretrained": init,
+                                  "epochs": 0, "seed": 0})
+    return path
