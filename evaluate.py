@@ -28,7 +28,7 @@ from infer import DEFAULT_CAM, DEFAULT_CAM_LAYER
 from model import load_checkpoint, pick_device, predict_probabilities
 from runtime import UserError, atomic_write, ensure_writable_dir, run_main
 
-SWEEP_LAYERS = [f"features.{i}" for i in range(3, 9)]
+SWEEP_LAYERS = [f"features.{i}" for i in range(0, 9)]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from runtime import UserError, atomic_write, ensure_writable_dir, run_main, writ
 
 # The default explanation, chosen on the validation split by evaluate.py's localization table (README).
 DEFAULT_CAM = "layercam"
-DEFAULT_CAM_LAYER = "features.5"
+DEFAULT_CAM_LAYER = "features.1"
 DISPLAY_MAX_SIDE = 512          # overlays of large photos are drawn at most this wide/high
 CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status"]
 OVERLAY_DIR = "gradcam"

@@ -30,7 +30,7 @@ from runtime import UserError, ensure_writable_dir, run_main, write_csv
 DEFAULTS = dict(
     epochs=5,
     batch_size=32,
-    lr=3e-3,               # AdamW peak learning rate (one-cycle schedule)
+    lr=2e-3,               # AdamW peak learning rate (10% linear warm-up, then cosine to 0)
     weight_decay=0.05,
     image_size=112,        # NEU images are 200x200; see README "Speed" for why 112
     seed=0,
@@ -64,22 +64,21 @@ def parse_args(argv=None):
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random flips and 90-degree turns of a uint8 (N, S, S, 3) batch: a scratch is a scratch in any
-    orientation, and these are exact (no interpolation), cheap and keep the whole image."""
-    flips = torch.randint(0, 2, (len(batch), 3), generator=generator).tolist()
+    """Random up-down and left-right flips of a uint8 (N, S, S, 3) batch: exact (no interpolation), cheap,
+    and they keep the whole image. No 90-degree turns: scratches run along the rolling direction in NEU,
+    and teaching 5 epochs of a fresh network the other orientation too cost validation accuracy."""
+    flips = torch.randint(0, 2, (len(batch), 2), generator=generator).tolist()
     out = []
-    for image, (vertical, horizontal, transpose) in zip(batch, flips):
+    for image, (vertical, horizontal) in zip(batch, flips):
         if vertical:
             image = image.flip(0)
         if horizontal:
             image = image.flip(1)
-        if transpose:
-            image = image.transpose(0, 1)
         out.append(image)
     return torch.stack(out)
 
 
-def one_cycle(total_steps: int, warmup: float = 0.25, start: float = 0.04):
+def one_cycle(total_steps: int, warmup: float = 0.1, start: float = 0.04):
     """Learning-rate factor per step: linear warm-up from `start` to 1 over the first `warmup` of training,
     then cosine down to 0. Written out because OneCycleLR divides by zero on very short runs."""
     warmup_steps = max(1, round(warmup * total_steps))
@@ -237,9 +236,8 @@ def main(argv=None) -> int:
         print(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
               f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} scratch recall {val['recall']:.4f} | "
               f"{row['seconds']:.1f}s")
-        key = (val["accuracy"], -val["loss"])
-        if best is None or key > best["key"]:
-            best = dict(key=key, epoch=epoch, state=copy.deepcopy(model.state_dict()), val_prob=val_prob)
+        if best is None or val["loss"] < best["loss"]:  # threshold-free, and smooth where accuracy ties
+            best = dict(loss=val["loss"], epoch=epoch, state=copy.deepcopy(model.state_dict()), val_prob=val_prob)
 
     model.load_state_dict(best["state"])
     threshold = choose_threshold(best["val_prob"], labels["val"])
