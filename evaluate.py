@@ -25,7 +25,7 @@ from tqdm import tqdm
 import dataset
 from gradcam import GradCAM, METHODS, resolve_layer
 from infer import DEFAULT_CAM, DEFAULT_CAM_LAYER
-from model import load_checkpoint, pick_device, predict_probabilities
+from model import fold_batchnorm, load_checkpoint, pick_device, predict_probabilities
 from runtime import UserError, atomic_write, ensure_writable_dir, run_main
 
 SWEEP_LAYERS = [f"features.{i}" for i in range(0, 9)]
@@ -168,6 +168,7 @@ def evaluate(args) -> dict:
     output = ensure_writable_dir(args.output, "the output folder")
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.model, device)
+    fold_batchnorm(model)
     data_dir = dataset.resolve_data_dir(args.data_dir)
     samples, split_info = select_samples(data_dir, meta, args.split)
     if not samples:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import dataset
 from gradcam import GradCAM, METHODS, encode_png, render_overlay, resolve_layer
-from model import load_checkpoint, pick_device
+from model import fold_batchnorm, load_checkpoint, pick_device
 from runtime import UserError, atomic_write, ensure_writable_dir, run_main, write_csv
 
 # The default explanation, chosen on the validation split by evaluate.py's localization table (README).
@@ -174,6 +174,7 @@ def main(argv=None) -> int:
     output = ensure_writable_dir(args.output, "the output folder")
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.model, device)
+    fold_batchnorm(model)
     threshold = meta["threshold"] if args.threshold is None else args.threshold
     image_size = int(meta["image_size"])
     cam = None

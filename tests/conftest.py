@@ -47,7 +47,7 @@ def neu_dir() -> Path:
         if os.environ.get("CI"):
             pytest.fail("NEU_DATA_DIR must point at the NEU-DET copy in CI")
         pytest.skip("NEU_DATA_DIR not set")
-    return Path(value)
+    return Path(value).resolve()  # tests run scripts from other working directories
 
 
 @pytest.fixture(scope="session")

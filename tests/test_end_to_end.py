@@ -13,6 +13,7 @@ import torchvision
 from conftest import run_script
 
 import dataset
+from evaluate import SWEEP_LAYERS
 from model import load_checkpoint
 
 PER_CLASS = 12
@@ -123,7 +124,7 @@ def test_infer_then_evaluate(run, neu_dir):
     loc = metrics["localization"]
     assert loc["n_images"] == sum(1 for n in probabilities if "scratches" in n)
     assert 0.0 <= loc["pointing_game"] <= 1.0 and 0.0 <= loc["energy_in_box"] <= 1.0
-    assert len(metrics["localization_table"]) == 3 * 6
+    assert len(metrics["localization_table"]) == 3 * len(SWEEP_LAYERS)
     # pages: title, training curves (from train.py's training_log.csv), confusion/ROC/PR, per class, galleries, localization table
     correct_scratches = sum(1 for n, p in probabilities.items() if "scratches" in n and p >= metrics["threshold"])
     gallery = -(-min(12, correct_scratches) // 12) + -(-len(metrics["misclassified"]) // 12)

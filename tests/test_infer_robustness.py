@@ -406,7 +406,7 @@ def test_train_interrupted_keeps_checkpoint(tmp_path, tiny_checkpoint, neu_dir):
         lines.append(line)
         if "epoch 1/3: train loss" in line:
             break
-    assert any("epoch 1/3: train loss" in line for line in lines) and proc.poll() is None, "".join(lines)
+    assert any("epoch 1/3: train loss" in line for line in lines) and proc.poll() is None, "".join(lines) + proc.stderr.read()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=240)
 
