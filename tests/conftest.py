@@ -39,6 +39,16 @@ def save_image(path: Path, kind: str = "plain", size: int = 64, seed: int = 0, m
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process torch on one thread: two threads fighting the scripts these tests start, on a 2-core
+    machine, run several times slower. Changes nothing the tests check."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def neu_dir() -> Path:
     """The real NEU-DET copy ($NEU_DATA_DIR). Required in CI; skipped elsewhere when unset."""

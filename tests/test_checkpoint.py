@@ -25,13 +25,7 @@ META = {"image_size": 64, "mean": list(dataset.IMAGENET_MEAN), "std": list(datas
         "split": {"seed": 0, "n_test": 3, "test_digest": "abc"}, "val_metrics": {"accuracy": 0.5}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Two torch threads fighting other processes on a busy 2-core machine run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Two torch threads fighting other processes on a busy 2-core machine run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def start(script: str, *args, cwd: Path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
