@@ -138,7 +138,8 @@ def render_overlay(image_rgb: np.ndarray, heatmap: np.ndarray | None, prediction
 
 def encode_png(image_bgr: np.ndarray) -> bytes:
     """PNG bytes, tuned for speed: zlib level 1 and the 'sub' row filter only. Trying all five filters per
-    row (libpng's default) doubles the time for the same size on steel texture (bench/infer_speed.py)."""
+    row (libpng's default) takes about twice as long for the same size on steel texture
+    (bench/profile_parts.py)."""
     ok, data = cv2.imencode(".png", image_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1,
                                                 cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB])
     if not ok:

@@ -61,7 +61,7 @@ def imagenet_state_dict(download_timeout_s: float = 30.0) -> dict:
 
 def _efficientnet_b0() -> nn.Module:
     """torchvision's EfficientNet-B0 without stochastic depth: dropping residual blocks at random regularises
-    long ImageNet runs but slows a 5-epoch run down. It changes no weights: the state_dict is the same."""
+    long ImageNet runs, while 5 epochs here still underfit. It changes no weights: the state_dict is the same."""
     return efficientnet_b0(stochastic_depth_prob=0.0)
 
 
@@ -196,7 +196,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """For inference: fold every eval-mode BatchNorm into the convolution before it (same outputs up to float
-    rounding; a quarter less work per image, forward and CAM backward alike). The model can no longer train."""
+    rounding; about a quarter less time per CAM pass, bench/profile_parts.py). The model can no longer train."""
     for block in model.modules():
         if isinstance(block, Conv2dNormActivation) and isinstance(block[1], nn.BatchNorm2d):
             block[0] = fuse_conv_bn_eval(block[0].eval(), block[1].eval())

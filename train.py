@@ -65,8 +65,8 @@ def parse_args(argv=None):
 
 def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random up-down and left-right flips of a uint8 (N, S, S, 3) batch: exact (no interpolation), cheap,
-    and they keep the whole image. No 90-degree turns: scratches run along the rolling direction in NEU,
-    and teaching 5 epochs of a fresh network the other orientation too cost validation accuracy."""
+    and they keep the whole image. No 90-degree turns: NEU scratches run along the rolling direction, so
+    5 epochs of a fresh network are not spent on orientations the line camera does not produce."""
     flips = torch.randint(0, 2, (len(batch), 2), generator=generator).tolist()
     out = []
     for image, (vertical, horizontal) in zip(batch, flips):
