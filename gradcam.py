@@ -136,12 +136,19 @@ def render_overlay(image_rgb: np.ndarray, heatmap: np.ndarray | None, prediction
     return cv2.vconcat([banner, panels])
 
 
-def encode_png(image_bgr: np.ndarray) -> bytes:
-    """PNG bytes, tuned for speed: zlib level 1 and the 'sub' row filter only. Trying all five filters per
-    row (libpng's default) takes about twice as long for the same size on steel texture
-    (bench/profile_parts.py)."""
-    ok, data = cv2.imencode(".png", image_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1,
-                                                cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB])
+# Overlay file formats: JPEG quality 95 with full-resolution colour (4:4:4, so the banner text and the heatmap's
+# edges stay crisp) is the default: ~0.8 ms and ~46 KiB per NEU overlay against ~4 ms and ~120 KiB for the
+# fastest PNG (bench/profile_parts.py). PNG (zlib level 1, 'sub' row filter only: libpng's default of trying
+# all five filters per row takes about twice as long for the same size on steel texture) keeps every pixel.
+OVERLAY_FORMATS = {
+    "jpg": [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444],
+    "png": [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB],
+}
+
+
+def encode_overlay(image_bgr: np.ndarray, file_format: str = "jpg") -> bytes:
+    """The bytes of an overlay file in one of OVERLAY_FORMATS."""
+    ok, data = cv2.imencode(f".{file_format}", image_bgr, OVERLAY_FORMATS[file_format])
     if not ok:
-        raise OSError("PNG encoding failed")
+        raise OSError(f"{file_format} encoding failed")
     return data.tobytes()

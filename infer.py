@@ -9,13 +9,16 @@ current batch; both queues are bounded, so memory does not grow with the number 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import os
 import queue
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import dataset
-from gradcam import GradCAM, METHODS, encode_png, render_overlay, resolve_layer
+from gradcam import GradCAM, METHODS, OVERLAY_FORMATS, encode_overlay, render_overlay, resolve_layer
 from model import fold_batchnorm, load_checkpoint, pick_device
 from runtime import UserError, atomic_write, ensure_writable_dir, run_main, write_csv
 
@@ -35,6 +38,7 @@ DEFAULT_CAM_LAYER = "features.1"
 DISPLAY_MAX_SIDE = 512          # overlays of large photos are drawn at most this wide/high
 CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status"]
 OVERLAY_DIR = "gradcam"
+OVERLAY_SUFFIXES = tuple(f"_gradcam.{file_format}" for file_format in OVERLAY_FORMATS)
 
 
 def parse_args(argv=None):
@@ -43,14 +47,19 @@ def parse_args(argv=None):
     p.add_argument("--output", default="outputs", help="folder for predictions.csv and gradcam/ (default: %(default)s)")
     p.add_argument("--model", default="model_binary.pth", help="checkpoint (default: %(default)s)")
     p.add_argument("--threshold", type=float, help="defect if p(defect) >= this (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch and model stream (default: %(default)s)")
     p.add_argument("--cam", choices=sorted(METHODS), default=DEFAULT_CAM, help="CAM method (default: %(default)s)")
     p.add_argument("--cam-layer", default=DEFAULT_CAM_LAYER, help="layer to explain (default: %(default)s)")
     p.add_argument("--no-cam", action="store_true", help="predictions only, no overlays (faster)")
+    p.add_argument("--overlay-format", choices=sorted(OVERLAY_FORMATS), default="jpg",
+                   help="overlay files: jpg (quality 95, small and fast) or png (lossless) (default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--streams", type=int, default=0,
+                   help="batches worked on side by side, each on its own model copy (default: 2 on a CPU with "
+                        "2+ threads, else 1)")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
+    if args.batch_size < 1 or args.streams < 0:
+        p.error("--batch-size must be >= 1 and --streams >= 0")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         p.error("--threshold must be between 0 and 1")
     return args
@@ -74,9 +83,9 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def overlay_names(relpaths: list[str]) -> dict[str, str]:
-    """<relpath without extension>_gradcam.png; where two inputs share that (a.jpg, a.png), both keep their
-    extension in the name (a_jpg_gradcam.png, a_png_gradcam.png). Any name still taken (a_jpg.png exists
+def overlay_names(relpaths: list[str], file_format: str = "jpg") -> dict[str, str]:
+    """<relpath without extension>_gradcam.jpg; where two inputs share that (a.jpg, a.png), both keep their
+    extension in the name (a_jpg_gradcam.jpg, a_png_gradcam.jpg). Any name still taken (a_jpg.png exists
     too, or it differs only in case, which macOS/Windows disks do not tell apart) gets _2, _3 ..., so no
     overlay ever overwrites another."""
     stems = Counter(r.rsplit(".", 1)[0] for r in relpaths)
@@ -84,10 +93,10 @@ def overlay_names(relpaths: list[str]) -> dict[str, str]:
     for r in sorted(relpaths):
         stem, ext = r.rsplit(".", 1)
         base = printable(stem if stems[stem] == 1 else f"{stem}_{ext}")
-        name, n = f"{OVERLAY_DIR}/{base}_gradcam.png", 1
+        name, n = f"{OVERLAY_DIR}/{base}_gradcam.{file_format}", 1
         while name.lower() in taken:
             n += 1
-            name = f"{OVERLAY_DIR}/{base}_{n}_gradcam.png"
+            name = f"{OVERLAY_DIR}/{base}_{n}_gradcam.{file_format}"
         taken.add(name.lower())
         names[r] = name
     return names
@@ -125,16 +134,89 @@ def read_ahead(paths, root: Path, image_size: int, with_display: bool, out: queu
     out.put(None)
 
 
-def write_overlays(jobs: queue.Queue, output: Path, failures: dict):
+def write_overlays(jobs: queue.Queue, output: Path, file_format: str, failures: dict):
     """Writer thread: render, encode and write each overlay (temp file + rename); None ends it."""
     while (job := jobs.get()) is not None:
         relpath, overlay_name, display, heatmap, prediction, probability = job
         try:
-            data = encode_png(render_overlay(display, heatmap, prediction, probability))
+            data = encode_overlay(render_overlay(display, heatmap, prediction, probability), file_format)
             with atomic_write(output / overlay_name, "wb", fsync=False) as handle:
                 handle.write(data)
         except Exception as error:  # a full disk or odd path fails this overlay, not the run
             failures[relpath] = f"overlay not written: {type(error).__name__}: {error}"
+
+
+def batches_of(decoded: queue.Queue, size: int, on_error) -> Iterator[list[Decoded]]:
+    """The reader's items grouped into batches of `size` decoded images; unreadable ones go to on_error."""
+    batch = []
+    while (item := decoded.get()) is not None:
+        if item.error:
+            on_error(item)
+            continue
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class ModelStreams:
+    """Runs batches on `count` copies of the model side by side, each copy in its own thread.
+
+    On a small CPU two batches at once, one torch thread each, beat one batch at a time on both cores: this
+    net's layers at 112 px are too small to keep two threads busy (`python bench/profile_parts.py`, CAM pass
+    by streams x threads). Each copy has its own CAM hooks, so no two batches share state. A GPU, or a
+    single-thread budget (OMP_NUM_THREADS=1), gets one stream. The torch thread count is restored by close().
+    """
+
+    def __init__(self, model, cam_method: str | None, cam_layer: str, requested: int, device: torch.device):
+        self.threads_before = torch.get_num_threads()
+        self.count = requested or (2 if device.type == "cpu" and self.threads_before >= 2 else 1)
+        self.threads_each = max(1, self.threads_before // self.count)
+        self.device = device
+        self.idle: queue.SimpleQueue = queue.SimpleQueue()
+        for copy_ in [model] + [copy.deepcopy(model) for _ in range(self.count - 1)]:
+            self.idle.put((copy_, None if cam_method is None else GradCAM(copy_, cam_layer, cam_method)))
+        torch.set_num_threads(self.threads_each)
+        self.pool = ThreadPoolExecutor(self.count, thread_name_prefix="model")
+
+    def describe(self) -> str:
+        return f"{self.count} model stream{'s' if self.count > 1 else ''} x {self.threads_each} thread(s)"
+
+    def predict(self, batch: list[Decoded]) -> tuple[np.ndarray, np.ndarray | None]:
+        """-> (p(defect) per image, heatmaps for class defect or None), on whichever model copy is idle."""
+        model, cam = self.idle.get()
+        try:
+            images = dataset.normalize(np.stack([item.pixels for item in batch])).to(self.device)
+            if cam is None:
+                with torch.no_grad():
+                    logits = model(images)
+                heatmaps = None
+            else:
+                heatmaps, logits = cam.explain(images, target_class=1)  # where the model sees the defect
+                heatmaps = heatmaps.cpu().numpy()
+            return logits.float().softmax(1)[:, 1].cpu().numpy(), heatmaps
+        finally:
+            self.idle.put((model, cam))
+
+    def run(self, batches: Iterator[list[Decoded]], record) -> None:
+        """record(batch, probabilities, heatmaps) for every batch, in input order, in the calling thread.
+        Every copy busy plus one batch waiting, no more: memory stays flat however many images come."""
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, self.pool.submit(self.predict, batch)))
+            while len(pending) > self.count:
+                done, future = pending.popleft()
+                record(done, *future.result())
+        while pending:
+            done, future = pending.popleft()
+            record(done, *future.result())
+
+    def close(self) -> None:
+        """Let running batches finish (seconds at most), drop queued ones, restore torch's thread count."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self.threads_before)
 
 
 def previous_overlays(csv_path: Path) -> set[str]:
@@ -148,12 +230,12 @@ def previous_overlays(csv_path: Path) -> set[str]:
 
 def remove_stale_overlays(output: Path, old: set[str], new: set[str]) -> int:
     """Delete overlays the previous CSV lists and this run did not rewrite. Only names we could have made
-    (gradcam/..._gradcam.png, no '..', not a link): a hand-edited CSV must not delete the user's files."""
+    (gradcam/..._gradcam.jpg or .png, no '..', not a link): a hand-edited CSV must not delete the user's files."""
     removed = 0
     for name in old - new:
         parts = Path(name).parts
         target = output / name
-        if (len(parts) > 1 and parts[0] == OVERLAY_DIR and ".." not in parts and name.endswith("_gradcam.png")
+        if (len(parts) > 1 and parts[0] == OVERLAY_DIR and ".." not in parts and name.endswith(OVERLAY_SUFFIXES)
                 and not target.is_symlink() and target.is_file()):
             target.unlink()
             removed += 1
@@ -177,67 +259,55 @@ def main(argv=None) -> int:
     fold_batchnorm(model)
     threshold = meta["threshold"] if args.threshold is None else args.threshold
     image_size = int(meta["image_size"])
-    cam = None
-    if not args.no_cam:
+    cam_method = None if args.no_cam else args.cam
+    if cam_method is not None:
         try:
-            cam = GradCAM(model, resolve_layer(model, args.cam_layer), args.cam)
+            resolve_layer(model, args.cam_layer)
         except ValueError as error:
             raise UserError(str(error)) from None
 
     relpaths = [p.relative_to(root).as_posix() for p in paths]
-    names = overlay_names(relpaths)
+    names = overlay_names(relpaths, args.overlay_format)
     csv_path = output / "predictions.csv"
     old_overlays = previous_overlays(csv_path)
+    streams = ModelStreams(model, cam_method, args.cam_layer, args.streams, device)
     print(f"{len(paths)} images in {root}; model {args.model} (image size {image_size}, threshold {threshold:.4f}); "
-          f"{'no CAM' if cam is None else f'{args.cam} on {args.cam_layer}'}; device {device}")
+          f"{'no CAM' if cam_method is None else f'{args.cam} on {args.cam_layer}'}; device {device}, "
+          f"{streams.describe()}")
 
     stop = threading.Event()
     decoded: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
     jobs: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
     overlay_failures: dict[str, str] = {}
     reader = threading.Thread(target=read_ahead, daemon=True,
-                              args=(paths, root, image_size, cam is not None, decoded, stop))
-    writer = threading.Thread(target=write_overlays, args=(jobs, output, overlay_failures), daemon=True)
+                              args=(paths, root, image_size, cam_method is not None, decoded, stop))
+    writer = threading.Thread(target=write_overlays, args=(jobs, output, args.overlay_format, overlay_failures),
+                              daemon=True)
     reader.start()
     writer.start()
     results: dict[str, tuple] = {}
     bar = tqdm(total=len(paths), unit="img", desc="infer", file=sys.stdout)
+
+    def skip_unreadable(item: Decoded):
+        results[item.relpath] = ("", "", "", "", f"error: {item.error}")
+        bar.update(1)
+
+    def record(batch: list[Decoded], probabilities: np.ndarray, heatmaps: np.ndarray | None):
+        for i, item in enumerate(batch):
+            probability = float(probabilities[i])
+            label = int(probability >= threshold)
+            prediction = dataset.BINARY_CLASSES[label]
+            overlay = ""
+            if heatmaps is not None:
+                overlay = names[item.relpath]
+                jobs.put((item.relpath, overlay, item.display, heatmaps[i], prediction, probability))
+            results[item.relpath] = (prediction, label, f"{probability:.4f}", overlay, "ok")
+        bar.update(len(batch))
+
     try:
-        finished = False
-        while not finished:
-            batch = []
-            while len(batch) < args.batch_size:
-                item = decoded.get()
-                if item is None:
-                    finished = True
-                    break
-                if item.error:
-                    results[item.relpath] = ("", "", "", "", f"error: {item.error}")
-                    bar.update(1)
-                else:
-                    batch.append(item)
-            if not batch:
-                continue
-            images = dataset.normalize(np.stack([item.pixels for item in batch])).to(device)
-            if cam is None:
-                with torch.no_grad():
-                    logits = model(images)
-                heatmaps = None
-            else:
-                heatmaps, logits = cam.explain(images, target_class=1)  # where the model sees the defect
-                heatmaps = heatmaps.cpu().numpy()
-            probabilities = logits.float().softmax(1)[:, 1].cpu().numpy()
-            for i, item in enumerate(batch):
-                probability = float(probabilities[i])
-                label = int(probability >= threshold)
-                prediction = dataset.BINARY_CLASSES[label]
-                overlay = ""
-                if heatmaps is not None:
-                    overlay = names[item.relpath]
-                    jobs.put((item.relpath, overlay, item.display, heatmaps[i], prediction, probability))
-                results[item.relpath] = (prediction, label, f"{probability:.4f}", overlay, "ok")
-            bar.update(len(batch))
+        streams.run(batches_of(decoded, args.batch_size, skip_unreadable), record)
     finally:
+        streams.close()
         stop.set()
         while reader.is_alive():  # unblock a reader waiting on a full queue
             try:
@@ -262,10 +332,10 @@ def main(argv=None) -> int:
     errors = sum(r[5] != "ok" for r in rows)
     print(f"{len(rows)} images: {defects} defect, {len(rows) - defects - errors} non-defect, {errors} errors; "
           f"{seconds:.1f}s, {len(rows) / seconds:.1f} images/s -> {csv_path}"
-          + (f", overlays in {output / OVERLAY_DIR}/" if cam is not None else "")
+          + (f", overlays in {output / OVERLAY_DIR}/" if cam_method is not None else "")
           + (f" ({removed} stale overlays of the previous run removed)" if removed else ""))
     return 0
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, skip_teardown=True)

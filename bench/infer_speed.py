@@ -38,8 +38,10 @@ def peer_worker(input_dir: Path, output_dir: Path, model_path: Path, size: int) 
 
     Same checkpoint, loaded with our load_checkpoint; same normalisation; image_size from the checkpoint
     unless `size` is given. Its heatmap equals gradcam.py's 'gradcam' method on features.8 (infer.py's
-    default is layercam on features.5). The CAM object is built once, as in the
-    README's `with GradCAM(...) as cam:`, the peer's fastest use. It writes overlays only (no CSV)."""
+    default is layercam on features.1). The CAM object is built once, as in the README's
+    `with GradCAM(...) as cam:`, the peer's fastest use. It writes a JPEG per image (OpenCV's default quality
+    95), as pytorch-grad-cam's cam.py example does (`cv2.imwrite(f'{args.method}_cam.jpg', cam_image)`), and
+    no CSV."""
     sys.path.insert(0, str(ROOT))
     import cv2
     import numpy as np
@@ -67,7 +69,7 @@ def peer_worker(input_dir: Path, output_dir: Path, model_path: Path, size: int) 
             input_tensor = preprocess_image(rgb_img, mean=meta["mean"], std=meta["std"])
             grayscale_cam = cam(input_tensor=input_tensor, targets=targets)[0, :]
             visualization = show_cam_on_image(rgb_img, grayscale_cam, use_rgb=True)
-            cv2.imwrite(str(output_dir / f"{path.stem}_cam.png"), cv2.cvtColor(visualization, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(str(output_dir / f"{path.stem}_cam.jpg"), cv2.cvtColor(visualization, cv2.COLOR_RGB2BGR))
     seconds = time.perf_counter() - started
     print(f"peer: {len(paths)} images; {seconds:.1f}s, {len(paths) / seconds:.1f} images/s")
     return 0
@@ -129,7 +131,7 @@ def run_ours(model: Path, inputs: Path, n: int, work: Path, tag: str) -> dict:
     check(run, "infer.py")
     with open(output / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    overlays = sum(1 for _ in (output / "gradcam").rglob("*.png"))
+    overlays = sum(1 for _ in (output / "gradcam").rglob("*_gradcam.*"))
     if len(rows) != n or overlays != n or any(r["status"] != "ok" for r in rows):
         sys.exit(f"infer.py did not do the full job: {len(rows)} CSV rows, {overlays} overlays for {n} images")
     shutil.rmtree(output)
@@ -144,7 +146,7 @@ def run_peer(model: Path, inputs: Path, n: int, work: Path, tag: str, peer_size:
                      "--output", str(output), "--model", str(model), "--peer-size", str(peer_size)],
                     work / f"peer_{tag}.log")
     check(run, "the peer loop")
-    overlays = sum(1 for _ in output.glob("*.png"))
+    overlays = sum(1 for _ in output.glob("*_cam.jpg"))
     if overlays != n:
         sys.exit(f"the peer wrote {overlays} overlays for {n} images")
     size, checkpoint_size = re.search(r"peer: image size (\d+) \(checkpoint (\d+)\)", run.log.read_text()).groups()
@@ -175,9 +177,9 @@ def main(argv=None) -> int:
     machine = machine_lines()
     print("\n".join(machine))
     print(f"data: {data_dir} ({len(sources)} images, repeated as symlinks); model: {model}")
-    print(f"ours: python infer.py (its defaults: CSV + side-by-side overlay PNG per image)\n"
+    print(f"ours: python infer.py (its defaults: CSV + side-by-side overlay JPEG per image)\n"
           f"peer: {PEER} (pytorch-grad-cam GradCAM on features[-1], ClassifierOutputTarget(1), batch of 1, "
-          f"show_cam_on_image + cv2.imwrite PNG)" + (" -- skipped" if args.skip_peer else ""), flush=True)
+          f"show_cam_on_image + cv2.imwrite JPEG)" + (" -- skipped" if args.skip_peer else ""), flush=True)
     warm_up(sources)
 
     results = {}

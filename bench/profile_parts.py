@@ -3,16 +3,20 @@
     python bench/profile_parts.py
 
 Prints, on this machine: a training step at several input sizes and memory formats; a forward pass and a CAM
-pass per layer, with and without BatchNorm folded into the convolutions; PNG encoding of one overlay with
-OpenCV's default filters and with the one infer.py uses; decoding one NEU image; and the import time of
-torch and torchvision. Median of several repeats; random inputs, the committed model for inference.
+pass per layer, with and without BatchNorm folded into the convolutions; CAM throughput with one batch at a
+time on all threads against two batches side by side on one thread each (infer.py's streams); encoding one
+overlay as PNG (OpenCV's default filters, infer.py's) and as infer.py's JPEG; decoding one NEU image; the
+import time of torch and torchvision, and the time Python's teardown takes after them. Median of several
+repeats; random inputs, the committed model for inference.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dataset  # noqa: E402
-from gradcam import GradCAM, encode_png, render_overlay  # noqa: E402
+from gradcam import GradCAM, encode_overlay, render_overlay  # noqa: E402
 from model import build_model, fold_batchnorm, load_checkpoint  # noqa: E402
 
 from common import default_data_dir, machine_lines  # noqa: E402
@@ -59,10 +63,36 @@ def training_step(size: int, channels_last: bool, batch: int = 32) -> float:
     return per_item_ms(step, batch, repeats=4)
 
 
-def import_seconds(statement: str) -> float:
+def import_seconds(statement: str, skip_teardown: bool = False) -> tuple[float, float]:
+    """(seconds until `statement` has run, seconds the interpreter then takes to exit) in a fresh child;
+    skip_teardown exits as runtime.run_main(..., skip_teardown=True) does."""
+    end = "; import os; os._exit(0)" if skip_teardown else ""
+    start = time.time()
+    done = float(subprocess.run([sys.executable, "-c", f"{statement}; import time; print(time.time(), flush=True){end}"],
+                                check=True, capture_output=True, text=True).stdout)
+    return done - start, time.time() - done
+
+
+def cam_images_per_second(model, streams: int, threads: int, images: torch.Tensor, rounds: int = 6) -> float:
+    """LayerCAM on features.1 over `rounds` batches per stream, `streams` model copies side by side."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cams = [GradCAM(copy.deepcopy(model), "features.1", "layercam") for _ in range(streams)]
+    for cam in cams:
+        cam(images, 1)  # warm-up
+
+    def work(cam):
+        for _ in range(rounds):
+            cam(images, 1)
+    workers = [threading.Thread(target=work, args=(cam,)) for cam in cams]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", statement], check=True)
-    return time.perf_counter() - start
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    seconds = time.perf_counter() - start
+    torch.set_num_threads(before)
+    return streams * rounds * len(images) / seconds
 
 
 def main(argv=None) -> int:
@@ -91,23 +121,35 @@ def main(argv=None) -> int:
                                                ("layercam", "features.1")))
         print(f"- BatchNorm {'folded' if folded else 'as trained'}: forward {forward:.1f}; CAM pass: {cams}")
 
+    threads = torch.get_num_threads()
+    if threads >= 2:
+        print(f"\n## LayerCAM on features.1 (folded), batches of 16 at {size} px, images/s (median of 3)")
+        half = images[:16]
+        for streams, each in ((1, threads), (2, threads // 2)):
+            rate = statistics.median(cam_images_per_second(model, streams, each, half) for _ in range(3))
+            print(f"- {streams} stream(s) x {each} thread(s): {rate:.1f} images/s")
+
     sample = next(iter(sorted((default_data_dir(args.data_dir)).rglob("*.jpg"))))
     decode = per_item_ms(lambda: dataset.to_model_pixels(dataset.open_image(sample, size), size), 1, repeats=50)
     display = np.asarray(dataset.open_image(sample, size))
     heatmap = GradCAM(model, "features.1", "layercam")(images[:1], 1)[0].numpy()
     overlay = render_overlay(display, heatmap, "defect", 0.5)
     draw = per_item_ms(lambda: render_overlay(display, heatmap, "defect", 0.5), 1, repeats=50)
-    default_png = per_item_ms(lambda: cv2.imencode(".png", overlay, [cv2.IMWRITE_PNG_COMPRESSION, 1]), 1, repeats=50)
-    ours_png = per_item_ms(lambda: encode_png(overlay), 1, repeats=50)
-    size_default = len(cv2.imencode(".png", overlay, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1])
-    print(f"\n## One {display.shape[1]}x{display.shape[0]} image ({sample.name}), ms")
-    print(f"- decode + resize: {decode:.2f}; draw overlay: {draw:.2f}")
-    print(f"- PNG level 1, all row filters: {default_png:.2f} ({size_default // 1024} KiB); "
-          f"infer.py's encode_png (level 1, 'sub' filter): {ours_png:.2f} ({len(encode_png(overlay)) // 1024} KiB)")
+    libpng_default = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    default_png = per_item_ms(lambda: cv2.imencode(".png", overlay, libpng_default), 1, repeats=50)
+    size_default = len(cv2.imencode(".png", overlay, libpng_default)[1])
+    print(f"\n## One {overlay.shape[1]}x{overlay.shape[0]} overlay of {sample.name}, ms (file size)")
+    print(f"- decode + resize the image: {decode:.2f}; draw the overlay: {draw:.2f}")
+    print(f"- PNG level 1, all row filters: {default_png:.2f} ({size_default // 1024} KiB)")
+    for file_format in ("png", "jpg"):
+        ms = per_item_ms(lambda: encode_overlay(overlay, file_format), 1, repeats=50)
+        print(f"- infer.py --overlay-format {file_format}: {ms:.2f} ({len(encode_overlay(overlay, file_format)) // 1024} KiB)")
 
-    torch_s = import_seconds("import torch")
-    both_s = import_seconds("import torch, torchvision")
-    print(f"\n## Start-up\n- import torch: {torch_s:.1f} s; import torch, torchvision: {both_s:.1f} s")
+    print("\n## Start-up and exit, s (a fresh Python each)")
+    for statement in ("import torch", "import torch, torchvision"):
+        load, teardown = import_seconds(statement)
+        skipped = import_seconds(statement, skip_teardown=True)[1]
+        print(f"- {statement}: {load:.1f}; then exit: {teardown:.2f} with Python's teardown, {skipped:.2f} without")
     return 0
 
 

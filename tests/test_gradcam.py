@@ -12,7 +12,7 @@ from pytorch_grad_cam import LayerCAM as RefLayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import dataset
-from gradcam import METHODS, GradCAM, encode_png, render_overlay, resolve_layer, scale_per_image
+from gradcam import METHODS, GradCAM, encode_overlay, render_overlay, resolve_layer, scale_per_image
 from model import load_checkpoint
 
 REFERENCE = {"gradcam": RefGradCAM, "gradcam++": RefGradCAMPlusPlus, "layercam": RefLayerCAM}
@@ -120,5 +120,11 @@ def test_overlay_shows_image_beside_heatmap_with_verdict():
     hot_column, cold_column = right[:, 27], right[:, 70]
     assert hot_column[:, 2].mean() > cold_column[:, 2].mean() + 40  # jet colour map: hot = red
     assert (overlay[:banner] == 255).any()  # white text on the banner
-    decoded = cv2.imdecode(np.frombuffer(encode_png(overlay), np.uint8), cv2.IMREAD_COLOR)
-    assert np.array_equal(decoded, overlay)
+    as_png = cv2.imdecode(np.frombuffer(encode_overlay(overlay, "png"), np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(as_png, overlay)  # lossless
+    jpeg_bytes = encode_overlay(overlay, "jpg")
+    as_jpeg = cv2.imdecode(np.frombuffer(jpeg_bytes, np.uint8), cv2.IMREAD_COLOR)
+    assert jpeg_bytes[:2] == b"\xff\xd8" and as_jpeg.shape == overlay.shape
+    error = np.abs(as_jpeg.astype(int) - overlay)
+    assert error.mean() < 2.5 and np.percentile(error, 99) < 30  # quality 95: close to the drawn pixels
+    assert (as_jpeg[banner:, 80:][:, 27, 2].astype(int).mean() > as_jpeg[banner:, 80:][:, 70, 2].mean() + 40)

@@ -210,7 +210,7 @@ def test_messy_folder(tmp_path, decisive_checkpoint):
         overlay = out / row["gradcam"]
         assert row["gradcam"].startswith("gradcam/") and overlay.is_file(), row
         with Image.open(overlay) as picture:
-            assert picture.format == "PNG" and picture.width >= 2 and picture.height > 8
+            assert picture.format == "JPEG" and picture.width >= 2 and picture.height > 8
     for relpath in sorted(bad):
         row = by_name[relpath]
         assert re.fullmatch(r"error: \S.{3,}", row["status"]), row
@@ -238,6 +238,26 @@ def test_messy_folder(tmp_path, decisive_checkpoint):
     # memory: the 6000x4000 photo never sits in memory as floats (288 MB as float32, 72 MB even as bytes)
     full_float32 = 6000 * 4000 * 3 * 4
     assert messy_rss - base_rss < full_float32 / 2, (messy_rss, base_rss)
+
+
+def test_model_streams_change_nothing_but_speed(tmp_path, decisive_checkpoint):
+    """Two model copies working on alternate batches give the very same CSV and overlays as one."""
+    images = tmp_path / "in"
+    for i in range(22):  # 6 batches of 4, the last one short
+        save_image(images / f"img_{i:02d}.png", "scratch" if i % 3 == 0 else "plain", seed=i)
+    results = {}
+    for streams in (1, 2):
+        out = tmp_path / f"out_{streams}"
+        result = infer_run("--model", decisive_checkpoint, "--input", images, "--output", out, "--batch-size", "4",
+                           "--streams", streams, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert f"{streams} model stream{'s' if streams > 1 else ''} x 1 thread" in result.stdout
+        overlays = {p.name: p.read_bytes() for p in (out / "gradcam").iterdir()}
+        results[streams] = (read_rows(out / "predictions.csv"), overlays)
+    rows, overlays = results[2]
+    assert len(rows) == len(overlays) == 22 and all(r["status"] == "ok" for r in rows)
+    assert len({r["defect_probability"] for r in rows}) > 5  # real, differing outputs
+    assert results[2] == results[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,6 +329,16 @@ def test_second_run_replaces_results_and_keeps_user_files(tmp_path, tiny_checkpo
         assert path.read_bytes() == content, path
     assert not temp_files(out)
 
+    # switching to PNG overlays replaces the JPEG ones instead of leaving them beside
+    result = infer_run("--model", tiny_checkpoint, "--input", second, "--output", out, "--overlay-format", "png",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    as_png = read_rows(out / "predictions.csv")
+    assert [r["gradcam"] for r in as_png] == [r["gradcam"][:-len("jpg")] + "png" for r in rows]
+    assert all((out / r["gradcam"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for r in as_png)
+    files = sorted(p.relative_to(out / "gradcam").as_posix() for p in (out / "gradcam").rglob("*") if p.is_file())
+    assert files == ["keep_gradcam.png", "mine.png", "mine_gradcam.png", "new_gradcam.png"]
+
 
 def test_stale_overlay_cleanup_only_touches_overlays(tmp_path):
     """A hand-edited predictions.csv must not make the next run delete the user's files."""
@@ -320,8 +350,11 @@ def test_stale_overlay_cleanup_only_touches_overlays(tmp_path):
     (out / "gradcam" / "link_gradcam.png").symlink_to(outside)
     old = {"gradcam/old_gradcam.png", "gradcam/../notes.txt", "notes.txt", "gradcam/photo.png",
            "gradcam/../../elsewhere_gradcam.png", "gradcam/link_gradcam.png", "gradcam/kept_gradcam.png"}
+    save_image(out / "gradcam" / "sub" / "older_gradcam.jpg")
+    old.add("gradcam/sub/older_gradcam.jpg")
     removed = infer.remove_stale_overlays(out, old, {"gradcam/kept_gradcam.png"})
-    assert removed == 1 and not (out / "gradcam" / "old_gradcam.png").exists()
+    assert removed == 2 and not (out / "gradcam" / "old_gradcam.png").exists()
+    assert not (out / "gradcam" / "sub" / "older_gradcam.jpg").exists()
     assert (out / "notes.txt").exists() and (out / "gradcam" / "photo.png").exists() and outside.exists()
 
 
@@ -338,9 +371,10 @@ def test_overlay_names_never_collide():
     names = infer.overlay_names(relpaths)
     assert set(names) == set(relpaths)
     assert len({n.lower() for n in names.values()}) == len(relpaths)
-    assert all(n.startswith("gradcam/") and n.endswith("_gradcam.png") for n in names.values())
+    assert all(n.startswith("gradcam/") and n.endswith("_gradcam.jpg") for n in names.values())
     assert names["x/b_tif.png"].startswith("gradcam/x/")
-    assert infer.overlay_names(["one.png"]) == {"one.png": "gradcam/one_gradcam.png"}
+    assert infer.overlay_names(["one.png"]) == {"one.png": "gradcam/one_gradcam.jpg"}
+    assert infer.overlay_names(["one.png"], "png") == {"one.png": "gradcam/one_gradcam.png"}
 
 
 # ---------------------------------------------------------------------------------------------------------
