@@ -1,4 +1,11 @@
-"""The model (EfficientNet-B0 with a 2-way head) and the one reader and one writer of its checkpoint."""
+"""The model (EfficientNet-B0 with a 2-way head) and the one reader and one writer of its checkpoint.
+
+Training builds torchvision's efficientnet_b0. Reading a checkpoint builds the same network from torch.nn
+alone (EfficientNetB0 below: same layers, same state_dict keys, same outputs, tested against torchvision):
+`import torchvision` costs about 2.5 s of every infer.py start on 2 cores, most of it torchvision.ops
+importing torch._dynamo (`python bench/profile_parts.py`), for nothing inference needs. So torchvision is
+imported only where training or the ImageNet weights need it.
+"""
 from __future__ import annotations
 
 import datetime
@@ -10,18 +17,19 @@ import warnings
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
-from torchvision.models.efficientnet import MBConv
-from torchvision.ops.misc import Conv2dNormActivation
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dataset import BINARY_CLASSES, IMAGENET_MEAN, IMAGENET_STD, normalize
 from runtime import UserError, atomic_write
 
 ARCH = "efficientnet_b0"
-IMAGENET_WEIGHTS = EfficientNet_B0_Weights.IMAGENET1K_V1
+
+
+def imagenet_weights():
+    """torchvision's EfficientNet_B0_Weights.IMAGENET1K_V1 (imports torchvision)."""
+    from torchvision.models import EfficientNet_B0_Weights
+    return EfficientNet_B0_Weights.IMAGENET1K_V1
 
 
 class CheckpointError(UserError):
@@ -46,15 +54,16 @@ def _two_way_head(model: nn.Module) -> nn.Module:
 
 def imagenet_state_dict(download_timeout_s: float = 30.0) -> dict:
     """ImageNet-1k weights from the torch hub cache ($TORCH_HOME/hub/checkpoints), downloading if needed."""
+    weights = imagenet_weights()
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(download_timeout_s)  # a blocked network should fail, not hang
     try:
         # weights_only: a file planted in the hub cache is a pickle too, and must not run code
-        return IMAGENET_WEIGHTS.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as error:  # URLError, timeouts, hash mismatch, a corrupt cached file ...
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise PretrainedUnavailable(f"{_first_line(error)} (looked for {cache}, "
-                                    f"then tried {IMAGENET_WEIGHTS.url})") from None
+                                    f"then tried {weights.url})") from None
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -62,6 +71,7 @@ def imagenet_state_dict(download_timeout_s: float = 30.0) -> dict:
 def _efficientnet_b0() -> nn.Module:
     """torchvision's EfficientNet-B0 without stochastic depth: dropping residual blocks at random regularises
     long ImageNet runs, while 5 epochs here still underfit. It changes no weights: the state_dict is the same."""
+    from torchvision.models import efficientnet_b0
     return efficientnet_b0(stochastic_depth_prob=0.0)
 
 
@@ -69,6 +79,7 @@ def _random_init() -> nn.Module:
     """Random init with every residual block's last BatchNorm scale at zero (Goyal et al. 2017): each block
     starts as the identity, so the untrained network is effectively shallow and learns fast from scratch.
     Only for random init: pretrained weights overwrite it."""
+    from torchvision.models.efficientnet import MBConv
     model = _two_way_head(_efficientnet_b0())
     for block in model.modules():
         if isinstance(block, MBConv) and block.use_res_connect:
@@ -91,9 +102,9 @@ def build_model(pretrained: str = "auto") -> tuple[nn.Module, str]:
             try:
                 model.load_state_dict(state)
             except (RuntimeError, TypeError, AttributeError) as error:  # a cached file of the wrong model
-                cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+                cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet_weights().url).name
                 raise PretrainedUnavailable(f"{cache} does not fit {ARCH}: {_first_line(error)}") from None
-            return _two_way_head(model), f"imagenet ({ARCH} {IMAGENET_WEIGHTS})"
+            return _two_way_head(model), f"imagenet ({ARCH} {imagenet_weights()})"
         except PretrainedUnavailable as error:
             if pretrained == "imagenet":
                 raise
@@ -103,9 +114,82 @@ def build_model(pretrained: str = "auto") -> tuple[nn.Module, str]:
     return _random_init(), "none (random init, --pretrained none)"
 
 
+# ---------------------------------------------------------------------------------------------------------
+# EfficientNet-B0 from torch.nn alone, for inference: the layers, names and order of torchvision's
+# efficientnet_b0 (torchvision/models/efficientnet.py), so its state_dict loads strictly. Eval only: no
+# stochastic depth (an identity at eval anyway), no weight initialisation (weights always come from a checkpoint).
+# ---------------------------------------------------------------------------------------------------------
+# Stages 1-7: (expand ratio, kernel, stride of the first block, output channels, blocks) (Tan & Le 2019, table 1)
+B0_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
+             (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
+
+
+def _conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1,
+             activation: bool = True) -> nn.Sequential:
+    """Conv (no bias, 'same' padding) + BatchNorm (+ SiLU): torchvision's Conv2dNormActivation, as a Sequential.
+
+    SiLU not in place (torchvision's is): under autograd, for a CAM, an in-place SiLU makes torch copy its
+    input for the backward pass, about 15% of a CAM pass on one thread. Same outputs."""
+    layers = [nn.Conv2d(in_channels, out_channels, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(out_channels)]
+    return nn.Sequential(*layers, nn.SiLU()) if activation else nn.Sequential(*layers)
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels: int, squeeze_channels: int):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, channels, 1)
+        self.activation = nn.SiLU()
+        self.scale_activation = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) * x
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1x1 expand (unless ratio 1), depthwise conv, squeeze-excitation, 1x1 project."""
+
+    def __init__(self, in_channels: int, out_channels: int, expand_ratio: int, kernel: int, stride: int):
+        super().__init__()
+        wide = in_channels * expand_ratio
+        layers = [_conv_bn(in_channels, wide, 1)] if expand_ratio != 1 else []
+        layers += [_conv_bn(wide, wide, kernel, stride, groups=wide),
+                   SqueezeExcitation(wide, max(1, in_channels // 4)),
+                   _conv_bn(wide, out_channels, 1, activation=False)]
+        self.block = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return out + x if self.use_res_connect else out
+
+
+class EfficientNetB0(nn.Module):
+    """features.0 (stem) ... features.8 (1x1 conv to 1280), average pool, dropout + linear: torchvision's layout."""
+
+    def __init__(self, num_classes: int = len(BINARY_CLASSES)):
+        super().__init__()
+        features, channels = [_conv_bn(3, 32, 3, stride=2)], 32
+        for expand_ratio, kernel, stride, out_channels, blocks in B0_STAGES:
+            features.append(nn.Sequential(*[
+                MBConvBlock(channels if i == 0 else out_channels, out_channels, expand_ratio, kernel,
+                            stride if i == 0 else 1) for i in range(blocks)]))
+            channels = out_channels
+        features.append(_conv_bn(channels, 1280, 1))
+        self.features = nn.Sequential(*features)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2, inplace=True), nn.Linear(1280, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict) -> None:
     """Write {state_dict, arch, classes, versions, date, **metadata} atomically: temp file, fsync, rename.
     An interrupted save leaves the previous checkpoint untouched."""
+    import torchvision
     path = Path(path)
     checkpoint = {
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -180,7 +264,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not isinstance(checkpoint["classes"], (list, tuple)) or list(checkpoint["classes"]) != BINARY_CLASSES:
         raise CheckpointError(f"{path} has classes {checkpoint['classes']!r}, expected {BINARY_CLASSES}")
     _check_metadata(path, checkpoint)
-    model = efficientnet_b0(num_classes=len(BINARY_CLASSES))
+    model = EfficientNetB0(num_classes=len(BINARY_CLASSES))
     state = checkpoint["state_dict"]
     try:
         model.load_state_dict(state)
@@ -196,9 +280,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """For inference: fold every eval-mode BatchNorm into the convolution before it (same outputs up to float
-    rounding; about a quarter less time per CAM pass, bench/profile_parts.py). The model can no longer train."""
+    rounding; about a quarter less time per CAM pass, bench/profile_parts.py). The model can no longer train.
+    Works on torchvision's model and on EfficientNetB0: both keep each conv + BatchNorm (+ SiLU) in a Sequential."""
     for block in model.modules():
-        if isinstance(block, Conv2dNormActivation) and isinstance(block[1], nn.BatchNorm2d):
+        if (isinstance(block, nn.Sequential) and len(block) >= 2 and isinstance(block[0], nn.Conv2d)
+                and isinstance(block[1], nn.BatchNorm2d)):
             block[0] = fuse_conv_bn_eval(block[0].eval(), block[1].eval())
             block[1] = nn.Identity()
     return model.to(memory_format=torch.channels_last)

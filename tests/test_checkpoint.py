@@ -18,7 +18,9 @@ from torchvision.models import efficientnet_b0
 import dataset
 import model as model_module
 from conftest import ROOT, save_image
-from model import CheckpointError, PretrainedUnavailable, build_model, load_checkpoint, save_checkpoint
+from gradcam import GradCAM
+from model import (CheckpointError, EfficientNetB0, PretrainedUnavailable, build_model, fold_batchnorm,
+                   load_checkpoint, save_checkpoint)
 
 META = {"image_size": 64, "mean": list(dataset.IMAGENET_MEAN), "std": list(dataset.IMAGENET_STD),
         "threshold": 0.37, "pretrained": "none", "epochs": 0, "seed": 0,
@@ -26,6 +28,46 @@ META = {"image_size": 64, "mean": list(dataset.IMAGENET_MEAN), "std": list(datas
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_inference_network_is_torchvisions_efficientnet_b0():
+    """load_checkpoint builds EfficientNetB0 from torch.nn; it must be torchvision's network exactly: the same
+    state_dict keys and shapes in the same order, and the same outputs and CAMs, with BatchNorm folded or not."""
+    torch.manual_seed(0)
+    reference = efficientnet_b0(num_classes=2)
+    for module in reference.modules():  # BatchNorm statistics away from 0/1, so eps, order and folding all matter
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -0.2, 0.2)
+    reference.eval()
+    twin = EfficientNetB0(num_classes=2)
+    assert ([(k, v.shape) for k, v in twin.state_dict().items()]
+            == [(k, v.shape) for k, v in reference.state_dict().items()])
+    twin.load_state_dict(reference.state_dict())
+    twin.eval()
+    images = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        expected = reference(images)
+        assert (expected[:, 1] - expected[:, 0]).abs().max() > 0.1  # outputs that say something
+        assert torch.allclose(twin(images), expected, rtol=1e-4, atol=1e-5)
+    cams = {layer: GradCAM(reference, layer, "layercam")(images, 1) for layer in ("features.1", "features.8")}
+    for layer, expected_cam in cams.items():
+        assert torch.allclose(GradCAM(twin, layer, "layercam")(images, 1), expected_cam, atol=1e-4), layer
+    fold_batchnorm(twin)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in twin.modules())
+    with torch.no_grad():
+        assert torch.allclose(twin(images), expected, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(GradCAM(twin, "features.1", "layercam")(images, 1), cams["features.1"], atol=1e-3)
+
+
+def test_inference_scripts_do_not_import_torchvision():
+    """torchvision costs seconds of start-up (it imports torch._dynamo) and inference does not need it."""
+    probe = "import sys, infer, evaluate; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +346,7 @@ def test_download_has_a_socket_timeout(offline_hub, monkeypatch):
         seen.append(socket.getdefaulttimeout())
         raise TimeoutError("timed out")
 
-    monkeypatch.setattr(type(model_module.IMAGENET_WEIGHTS), "get_state_dict", fake_get_state_dict)
+    monkeypatch.setattr(type(model_module.imagenet_weights()), "get_state_dict", fake_get_state_dict)
     before = socket.getdefaulttimeout()
     with pytest.raises(PretrainedUnavailable):
         model_module.imagenet_state_dict(download_timeout_s=7.0)
