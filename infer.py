@@ -30,7 +30,7 @@ from tqdm import tqdm
 import dataset
 from gradcam import GradCAM, METHODS, OVERLAY_FORMATS, encode_overlay, render_overlay, resolve_layer
 from model import fold_batchnorm, load_checkpoint, pick_device
-from runtime import UserError, atomic_write, ensure_writable_dir, run_main, write_csv
+from runtime import UserError, atomic_write, ensure_writable_dir, interrupts_deferred, run_main, write_csv
 
 # The default explanation, chosen on the validation split by evaluate.py's localization table (README).
 DEFAULT_CAM = "layercam"
@@ -307,16 +307,17 @@ def main(argv=None) -> int:
     try:
         streams.run(batches_of(decoded, args.batch_size, skip_unreadable), record)
     finally:
-        streams.close()
-        stop.set()
-        while reader.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                decoded.get_nowait()
-            except queue.Empty:
-                reader.join(0.05)
-        jobs.put(None)
-        writer.join()  # the writer finishes its current file, so no temp file is left behind
-        bar.close()
+        with interrupts_deferred():  # a second Ctrl-C must not cut this short
+            streams.close()
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    decoded.get_nowait()
+                except queue.Empty:
+                    reader.join(0.05)
+            jobs.put(None)
+            writer.join()  # the writer finishes its current file, so no temp file is left behind
+            bar.close()
 
     rows = []
     for relpath in relpaths:

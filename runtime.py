@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +43,26 @@ def exit_on_sigterm() -> None:
     def handler(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextmanager
+def interrupts_deferred():
+    """Ctrl-C or SIGTERM inside this block takes effect at its end, as KeyboardInterrupt: the cleanup that
+    finishes the file being written and removes temp files runs to the end even if the user presses twice.
+    Only the main thread can set signal handlers; elsewhere this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {signum: signal.signal(signum, lambda number, frame: received.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def ensure_writable_dir(folder: str | Path, what: str) -> Path:

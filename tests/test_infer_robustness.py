@@ -28,6 +28,7 @@ import dataset
 import infer
 from conftest import ROOT, run_script, save_image, synthetic_image
 from model import build_model, load_checkpoint, save_checkpoint
+from runtime import interrupts_deferred, run_main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status"]
@@ -408,7 +409,7 @@ def test_infer_interrupted(tmp_path, tiny_checkpoint, many_images, signum):
     before = (out / "predictions.csv").read_bytes()
 
     proc = start("infer.py", "--model", tiny_checkpoint, "--input", many_images, "--output", out,
-                 "--batch-size", "2", cwd=tmp_path)
+                 "--batch-size", "2", "--streams", "2", cwd=tmp_path)
     wait_for(lambda: (out / "gradcam").is_dir() and any((out / "gradcam").iterdir()), proc)
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=240)
@@ -420,6 +421,23 @@ def test_infer_interrupted(tmp_path, tiny_checkpoint, many_images, signum):
         assert len(read_rows(out / "predictions.csv")) == N_MANY
     assert not temp_files(out), temp_files(out)
     assert not temp_files(tmp_path)
+
+
+def test_second_interrupt_waits_for_the_cleanup():
+    """Inside interrupts_deferred a signal is held until the block ends, then raised as KeyboardInterrupt."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)  # Python runs the handler here: it records the signal and returns
+                steps.append(signum)
+    assert steps == [signal.SIGINT, signal.SIGTERM]  # the block ran to its end
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+    with interrupts_deferred():  # no signal: nothing raised
+        steps.append("quiet")
+    assert steps[-1] == "quiet"
 
 
 def test_train_interrupted_keeps_checkpoint(tmp_path, tiny_checkpoint, neu_dir):
@@ -447,7 +465,6 @@ def test_train_interrupted_keeps_checkpoint(tmp_path, tiny_checkpoint, neu_dir):
 
 def test_train_stops_on_non_finite_loss(tmp_path, tiny_checkpoint, neu_dir, capsys):
     import train
-    from runtime import run_main
 
     model_path = tmp_path / "m.pth"
     shutil.copyfile(tiny_checkpoint, model_path)
