@@ -2,7 +2,7 @@
 
 Training builds torchvision's efficientnet_b0. Reading a checkpoint builds the same network from torch.nn
 alone (EfficientNetB0 below: same layers, same state_dict keys, same outputs, tested against torchvision):
-`import torchvision` costs about 2.5 s of every infer.py start on 2 cores, most of it torchvision.ops
+`import torchvision` costs about 2 s of every infer.py start on 2 cores, most of it torchvision.ops
 importing torch._dynamo (`python bench/profile_parts.py`), for nothing inference needs. So torchvision is
 imported only where training or the ImageNet weights need it.
 """

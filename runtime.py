@@ -20,7 +20,7 @@ def run_main(main, skip_teardown: bool = False) -> None:
 
     skip_teardown (for a script's `__main__` only, never in-process): once main() has returned, every file
     it wrote is closed and renamed into place, so exit without Python's teardown, whose garbage collection
-    over torch's and torchvision's modules takes 1-2 s on a 2-core machine (bench/profile_parts.py).
+    over torch's modules takes about a second on a 2-core machine (bench/profile_parts.py).
     """
     exit_on_sigterm()
     try:

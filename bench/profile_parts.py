@@ -3,11 +3,11 @@
     python bench/profile_parts.py
 
 Prints, on this machine: a training step at several input sizes and memory formats; a forward pass and a CAM
-pass per layer, with and without BatchNorm folded into the convolutions; CAM throughput with one batch at a
-time on all threads against two batches side by side on one thread each (infer.py's streams); encoding one
-overlay as PNG (OpenCV's default filters, infer.py's) and as infer.py's JPEG; decoding one NEU image; the
-import time of torch and torchvision, and the time Python's teardown takes after them. Median of several
-repeats; random inputs, the committed model for inference.
+pass per layer, with and without BatchNorm folded into the convolutions, and with SiLU in place or not; CAM
+throughput with one batch at a time on all threads against two batches side by side on one thread each
+(infer.py's streams); encoding one overlay as PNG (OpenCV's default filters, infer.py's) and as infer.py's
+JPEG; decoding one NEU image; the import time of torch and torchvision, and the time Python's teardown takes
+after them. Median of several repeats; random inputs, the committed model for inference.
 """
 from __future__ import annotations
 
@@ -120,6 +120,22 @@ def main(argv=None) -> int:
                          for method, layer in (("gradcam", "features.8"), ("layercam", "features.2"),
                                                ("layercam", "features.1")))
         print(f"- BatchNorm {'folded' if folded else 'as trained'}: forward {forward:.1f}; CAM pass: {cams}")
+
+    def layercam_ms_one_thread():
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        ms = per_item_ms(lambda: GradCAM(model, "features.1", "layercam")(images[:16], 1), 16)
+        torch.set_num_threads(before)
+        return ms
+    silus = [m for m in model.modules() if isinstance(m, torch.nn.SiLU)]
+    timings = {}
+    for _ in range(3):  # alternate, so a change in machine load hits both
+        for inplace in (True, False):
+            for m in silus:
+                m.inplace = inplace
+            timings.setdefault(inplace, []).append(layercam_ms_one_thread())
+    print(f"- LayerCAM features.1 (folded), batch 16 on 1 thread: SiLU in place {statistics.median(timings[True]):.1f}, "
+          f"not in place (infer.py) {statistics.median(timings[False]):.1f}")
 
     threads = torch.get_num_threads()
     if threads >= 2:
