@@ -137,8 +137,8 @@ def render_overlay(image_rgb: np.ndarray, heatmap: np.ndarray | None, prediction
 
 
 # Overlay file formats: JPEG quality 95 with full-resolution colour (4:4:4, so the banner text and the heatmap's
-# edges stay crisp) is the default: ~0.8 ms and ~46 KiB per NEU overlay against ~4 ms and ~120 KiB for the
-# fastest PNG (bench/profile_parts.py). PNG (zlib level 1, 'sub' row filter only: libpng's default of trying
+# edges stay crisp) is the default: ~0.9 ms and ~65 KiB per NEU overlay against ~6.5 ms and ~130 KiB for
+# the fastest PNG (bench/profile_parts.py). PNG (zlib level 1, 'sub' row filter only: libpng's default of trying
 # all five filters per row takes about twice as long for the same size on steel texture) keeps every pixel.
 OVERLAY_FORMATS = {
     "jpg": [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444],

@@ -3,8 +3,8 @@
     python infer.py                                  # test_images/ -> outputs/predictions.csv + outputs/gradcam/
     python infer.py --input /line3/today --output /line3/report --no-cam
 
-Decoding runs in a reader thread and overlay encoding in a writer thread while the model works on the
-current batch; both queues are bounded, so memory does not grow with the number of images.
+Decoding runs in a reader thread and overlay drawing and writing in a writer thread, while the model works on
+two batches at once (ModelStreams); every queue is bounded, so memory does not grow with the number of images.
 """
 from __future__ import annotations
 
