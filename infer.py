@@ -204,14 +204,16 @@ class ModelStreams:
         """record(batch, probabilities, heatmaps) for every batch, in input order, in the calling thread.
         Every copy busy plus one batch waiting, no more: memory stays flat however many images come."""
         pending: deque = deque()
+
+        def record_oldest():
+            done, future = pending.popleft()
+            record(done, *future.result())
         for batch in batches:
             pending.append((batch, self.pool.submit(self.predict, batch)))
             while len(pending) > self.count:
-                done, future = pending.popleft()
-                record(done, *future.result())
+                record_oldest()
         while pending:
-            done, future = pending.popleft()
-            record(done, *future.result())
+            record_oldest()
 
     def close(self) -> None:
         """Let running batches finish (seconds at most), drop queued ones, restore torch's thread count."""
