@@ -12,11 +12,9 @@ after them. Median of several repeats; random inputs, the committed model for in
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import dataset  # noqa: E402
 from gradcam import GradCAM, encode_overlay, render_overlay  # noqa: E402
+from infer import Decoded, ModelStreams  # noqa: E402
 from model import build_model, fold_batchnorm, load_checkpoint  # noqa: E402
 
 from common import default_data_dir, machine_lines  # noqa: E402
@@ -73,26 +72,18 @@ def import_seconds(statement: str, skip_teardown: bool = False) -> tuple[float, 
     return done - start, time.time() - done
 
 
-def cam_images_per_second(model, streams: int, threads: int, images: torch.Tensor, rounds: int = 6) -> float:
-    """LayerCAM on features.1 over `rounds` batches per stream, `streams` model copies side by side."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    cams = [GradCAM(copy.deepcopy(model), "features.1", "layercam") for _ in range(streams)]
-    for cam in cams:
-        cam(images, 1)  # warm-up
-
-    def work(cam):
-        for _ in range(rounds):
-            cam(images, 1)
-    workers = [threading.Thread(target=work, args=(cam,)) for cam in cams]
-    start = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    seconds = time.perf_counter() - start
-    torch.set_num_threads(before)
-    return streams * rounds * len(images) / seconds
+def cam_images_per_second(model, streams: int, pixels: np.ndarray, rounds: int = 6) -> float:
+    """infer.py's ModelStreams (LayerCAM on features.1) over `rounds` batches per stream; torch's threads
+    are shared out between the streams as infer.py does."""
+    runner = ModelStreams(model, "layercam", "features.1", streams, torch.device("cpu"))
+    batch = [Decoded(str(i), image) for i, image in enumerate(pixels)]
+    try:
+        runner.run(iter([batch] * streams), lambda *result: None)  # warm-up
+        start = time.perf_counter()
+        runner.run(iter([batch] * (streams * rounds)), lambda *result: None)
+        return streams * rounds * len(batch) / (time.perf_counter() - start)
+    finally:
+        runner.close()
 
 
 def main(argv=None) -> int:
@@ -140,10 +131,10 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     if threads >= 2:
         print(f"\n## LayerCAM on features.1 (folded), batches of 16 at {size} px, images/s (median of 3)")
-        half = images[:16]
-        for streams, each in ((1, threads), (2, threads // 2)):
-            rate = statistics.median(cam_images_per_second(model, streams, each, half) for _ in range(3))
-            print(f"- {streams} stream(s) x {each} thread(s): {rate:.1f} images/s")
+        pixels = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+        for streams in (1, 2):
+            rate = statistics.median(cam_images_per_second(model, streams, pixels) for _ in range(3))
+            print(f"- {streams} stream(s) x {threads // streams} thread(s): {rate:.1f} images/s")
 
     sample = next(iter(sorted((default_data_dir(args.data_dir)).rglob("*.jpg"))))
     decode = per_item_ms(lambda: dataset.to_model_pixels(dataset.open_image(sample, size), size), 1, repeats=50)
