@@ -2,7 +2,7 @@
 
 Training builds torchvision's efficientnet_b0. Reading a checkpoint builds the same network from torch.nn
 alone (EfficientNetB0 below: same layers, same state_dict keys, same outputs, tested against torchvision):
-`import torchvision` costs about 2 s of every infer.py start on 2 cores, most of it torchvision.ops
+`import torchvision` costs 2-4 s of every infer.py start on 2 cores, most of it torchvision.ops
 importing torch._dynamo (`python bench/profile_parts.py`), for nothing inference needs. So torchvision is
 imported only where training or the ImageNet weights need it.
 """
@@ -52,6 +52,11 @@ def _two_way_head(model: nn.Module) -> nn.Module:
     return model
 
 
+def imagenet_cache_file(weights) -> Path:
+    """Where torch hub keeps (or would keep) the downloaded weights file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
 def imagenet_state_dict(download_timeout_s: float = 30.0) -> dict:
     """ImageNet-1k weights from the torch hub cache ($TORCH_HOME/hub/checkpoints), downloading if needed."""
     weights = imagenet_weights()
@@ -61,8 +66,7 @@ def imagenet_state_dict(download_timeout_s: float = 30.0) -> dict:
         # weights_only: a file planted in the hub cache is a pickle too, and must not run code
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as error:  # URLError, timeouts, hash mismatch, a corrupt cached file ...
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise PretrainedUnavailable(f"{_first_line(error)} (looked for {cache}, "
+        raise PretrainedUnavailable(f"{_first_line(error)} (looked for {imagenet_cache_file(weights)}, "
                                     f"then tried {weights.url})") from None
     finally:
         socket.setdefaulttimeout(previous)
@@ -102,8 +106,8 @@ def build_model(pretrained: str = "auto") -> tuple[nn.Module, str]:
             try:
                 model.load_state_dict(state)
             except (RuntimeError, TypeError, AttributeError) as error:  # a cached file of the wrong model
-                cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet_weights().url).name
-                raise PretrainedUnavailable(f"{cache} does not fit {ARCH}: {_first_line(error)}") from None
+                raise PretrainedUnavailable(f"{imagenet_cache_file(imagenet_weights())} does not fit {ARCH}: "
+                                            f"{_first_line(error)}") from None
             return _two_way_head(model), f"imagenet ({ARCH} {imagenet_weights()})"
         except PretrainedUnavailable as error:
             if pretrained == "imagenet":
@@ -129,8 +133,7 @@ def _conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1, 
     """Conv (no bias, 'same' padding) + BatchNorm (+ SiLU): torchvision's Conv2dNormActivation, as a Sequential.
 
     SiLU not in place (torchvision's is): under autograd, for a CAM, an in-place SiLU makes torch copy its
-    input for the backward pass, about a tenth of a CAM pass on one thread (bench/profile_parts.py). Same
-    outputs."""
+    input for the backward pass, 5-10% of a CAM pass on one thread (bench/profile_parts.py). Same outputs."""
     layers = [nn.Conv2d(in_channels, out_channels, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
               nn.BatchNorm2d(out_channels)]
     return nn.Sequential(*layers, nn.SiLU()) if activation else nn.Sequential(*layers)
@@ -281,7 +284,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """For inference: fold every eval-mode BatchNorm into the convolution before it (same outputs up to float
-    rounding; about a quarter less time per CAM pass, bench/profile_parts.py). The model can no longer train.
+    rounding; a faster forward pass, 6.0 against 7.3 ms/img, bench/profile_parts.py). The model can no longer train.
     Works on torchvision's model and on EfficientNetB0: both keep each conv + BatchNorm (+ SiLU) in a Sequential."""
     for block in model.modules():
         if (isinstance(block, nn.Sequential) and len(block) >= 2 and isinstance(block[0], nn.Conv2d)
