@@ -137,9 +137,9 @@ def render_overlay(image_rgb: np.ndarray, heatmap: np.ndarray | None, prediction
 
 
 # Overlay file formats: JPEG quality 95 with full-resolution colour (4:4:4, so the banner text and the heatmap's
-# edges stay crisp) is the default: ~0.9 ms and ~65 KiB per NEU overlay against ~6.5 ms and ~130 KiB for
+# edges stay crisp) is the default: ~0.9 ms and ~65 KiB per NEU overlay against ~6 ms and ~130 KiB for
 # the fastest PNG (bench/profile_parts.py). PNG (zlib level 1, 'sub' row filter only: libpng's default of trying
-# all five filters per row takes about a third longer for the same size on steel texture) keeps every pixel.
+# all five filters per row takes 35-45% longer for the same size on steel texture) keeps every pixel.
 OVERLAY_FORMATS = {
     "jpg": [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444],
     "png": [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB],
