@@ -40,6 +40,9 @@ def binary_label(neu_class: str) -> int:
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("per-image", "imagenet")  # how pixels become model input; the checkpoint records which
+MIN_STD = 1.0  # grey levels: a flat image is standardised to zeros, not blown up to noise
+NATIVE_SIZE = 200  # NEU's images are 200 x 200 pixels
 DEFAULT_DATA_DIR = "data/NEU-DET"
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)  # train, val, test
 SPLITS = ("train", "val", "test")
@@ -106,15 +109,29 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
 
 
-def normalize(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) with ImageNet mean/std, in channels_last memory."""
+def normalize(pixels: np.ndarray | torch.Tensor, normalization: str) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in channels_last memory.
+
+    'per-image': each image minus its own mean, divided by its own standard deviation (over all pixels and
+    channels): a camera's gain and offset cancel exactly, so brightness and contrast of another line's
+    lamp or sensor do not move the prediction. 'imagenet': the fixed ImageNet channel mean/std (older models).
+    """
     batch = torch.as_tensor(pixels).permute(0, 3, 1, 2).float()
-    return ((batch - _MEAN) / _STD).contiguous(memory_format=torch.channels_last)
+    if normalization == "per-image":
+        flat = batch.flatten(1)
+        mean = flat.mean(1).view(-1, 1, 1, 1)
+        std = flat.std(1, correction=0).clamp(min=MIN_STD).view(-1, 1, 1, 1)
+        batch = (batch - mean) / std
+    elif normalization == "imagenet":
+        batch = (batch - _MEAN) / _STD
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}; choose from {', '.join(NORMALIZATIONS)}")
+    return batch.contiguous(memory_format=torch.channels_last)
 
 
-def preprocess(path: str | Path, image_size: int) -> torch.Tensor:
+def preprocess(path: str | Path, image_size: int, normalization: str) -> torch.Tensor:
     """The one preprocessing function: file -> normalised (3, S, S) tensor, as train/infer/evaluate see it."""
-    return normalize(to_model_pixels(open_image(path, image_size), image_size)[None])[0]
+    return normalize(to_model_pixels(open_image(path, image_size), image_size)[None], normalization)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

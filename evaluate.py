@@ -128,12 +128,13 @@ def find_annotations(data_dir: Path) -> dict[str, Path]:
     return {p.stem: p for p in data_dir.rglob("*") if p.suffix.lower() == ".xml"}
 
 
-def localization_scores(model, pixels, boxes, method: str, layer: str, batch_size: int, device) -> dict:
+def localization_scores(model, pixels, boxes, normalization: str, method: str, layer: str, batch_size: int,
+                        device) -> dict:
     """Pointing game and energy-in-box of one CAM method x layer over (pixels, (size, boxes)) pairs."""
     cam = GradCAM(model, resolve_layer(model, layer), method)
     hits, energies = [], []
     for start in range(0, len(pixels), batch_size):
-        images = dataset.normalize(pixels[start:start + batch_size]).to(device)
+        images = dataset.normalize(pixels[start:start + batch_size], normalization).to(device)
         heatmaps = cam(images, target_class=1).cpu()
         for heatmap, (size, image_boxes) in zip(heatmaps, boxes[start:start + batch_size]):
             original = F.interpolate(heatmap[None, None], size=(size[1], size[0]), mode="bilinear",
@@ -178,7 +179,7 @@ def evaluate(args) -> dict:
     print(f"evaluating {len(samples)} images ({args.split}) with {args.model}")
     pixels = torch.from_numpy(dataset.load_pixels(samples, image_size))
     labels = dataset.labels_of(samples)
-    probabilities = predict_probabilities(model, pixels, args.batch_size, device).numpy()
+    probabilities = predict_probabilities(model, pixels, meta["normalization"], args.batch_size, device).numpy()
     metrics = binary_metrics(probabilities, labels, threshold)
     predicted = probabilities >= threshold
     metrics["roc_auc"] = roc_auc(probabilities, labels)
@@ -199,7 +200,8 @@ def evaluate(args) -> dict:
         if (args.cam, args.cam_layer) not in combos:
             combos.append((args.cam, args.cam_layer))
         for method, layer in tqdm(combos, desc="localization", unit="cam", file=sys.stdout):
-            table.append(localization_scores(model, pixels[boxed], boxes, method, layer, args.batch_size, device))
+            table.append(localization_scores(model, pixels[boxed], boxes, meta["normalization"], method, layer,
+                                             args.batch_size, device))
         default = next(r for r in table if (r["method"], r["layer"]) == (args.cam, args.cam_layer))
         metrics["localization"] = default
     else:
@@ -207,7 +209,8 @@ def evaluate(args) -> dict:
         metrics["localization"] = None
     metrics["localization_table"] = table
     metrics["model"] = {k: meta.get(k) for k in ("arch", "pretrained", "epochs", "best_epoch", "image_size",
-                                                 "threshold", "seed", "date", "split", "val_metrics")}
+                                                 "normalization", "threshold", "seed", "date", "split",
+                                                 "val_metrics", "hyperparameters")}
     metrics["data"] = split_info
     metrics["probabilities"] = {s.relpath: round(float(p), 6) for s, p in zip(samples, probabilities)}
 

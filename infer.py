@@ -170,11 +170,13 @@ class ModelStreams:
     single-thread budget (OMP_NUM_THREADS=1), gets one stream. The torch thread count is restored by close().
     """
 
-    def __init__(self, model, cam_method: str | None, cam_layer: str, requested: int, device: torch.device):
+    def __init__(self, model, normalization: str, cam_method: str | None, cam_layer: str, requested: int,
+                 device: torch.device):
         self.threads_before = torch.get_num_threads()
         self.count = requested or (2 if device.type == "cpu" and self.threads_before >= 2 else 1)
         self.threads_each = max(1, self.threads_before // self.count)
         self.device = device
+        self.normalization = normalization
         self.idle: queue.SimpleQueue = queue.SimpleQueue()
         for copy_ in [model] + [copy.deepcopy(model) for _ in range(self.count - 1)]:
             self.idle.put((copy_, None if cam_method is None else GradCAM(copy_, cam_layer, cam_method)))
@@ -188,7 +190,7 @@ class ModelStreams:
         """-> (p(defect) per image, heatmaps for class defect or None), on whichever model copy is idle."""
         model, cam = self.idle.get()
         try:
-            images = dataset.normalize(np.stack([item.pixels for item in batch])).to(self.device)
+            images = dataset.normalize(np.stack([item.pixels for item in batch]), self.normalization).to(self.device)
             if cam is None:
                 with torch.no_grad():
                     logits = model(images)
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
     names = overlay_names(relpaths, args.overlay_format)
     csv_path = output / "predictions.csv"
     old_overlays = previous_overlays(csv_path)
-    streams = ModelStreams(model, cam_method, args.cam_layer, args.streams, device)
+    streams = ModelStreams(model, meta["normalization"], cam_method, args.cam_layer, args.streams, device)
     print(f"{len(paths)} images in {root}; model {args.model} (image size {image_size}, threshold {threshold:.4f}); "
           f"{'no CAM' if cam_method is None else f'{args.cam} on {args.cam_layer}'}; device {device}, "
           f"{streams.describe()}")

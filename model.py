@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from dataset import BINARY_CLASSES, IMAGENET_MEAN, IMAGENET_STD, normalize
+from dataset import BINARY_CLASSES, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, normalize
 from runtime import UserError, atomic_write
 
 ARCH = "efficientnet_b0"
@@ -208,7 +208,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict) -> None:
         torch.save(checkpoint, handle)
 
 
-REQUIRED_KEYS = ("state_dict", "arch", "classes", "image_size", "mean", "std", "threshold")
+REQUIRED_KEYS = ("state_dict", "arch", "classes", "image_size", "threshold")
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
@@ -222,19 +222,25 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 
 def _check_metadata(path: Path, checkpoint: dict) -> None:
-    """Reject metadata infer/evaluate would choke on or silently misuse (they normalise with dataset's mean/std)."""
+    """Reject metadata infer/evaluate would choke on or silently misuse; an ImageNet-normalised model must
+    record the mean/std this program applies."""
     size, threshold = checkpoint["image_size"], checkpoint["threshold"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise CheckpointError(f"{path}: image_size must be a positive integer, not {size!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise CheckpointError(f"{path}: threshold must be a number in [0, 1], not {threshold!r}")
+    normalization = checkpoint["normalization"]
+    if normalization not in NORMALIZATIONS:
+        raise CheckpointError(f"{path}: normalization {normalization!r} is none of {', '.join(NORMALIZATIONS)}")
+    if normalization != "imagenet":
+        return
     for key, expected in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
         try:
             ok = len(checkpoint[key]) == 3 and all(abs(float(a) - b) < 1e-6 for a, b in zip(checkpoint[key], expected))
-        except (TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise CheckpointError(f"{path}: trained with {key} {checkpoint[key]!r}, but this program "
+            raise CheckpointError(f"{path}: trained with {key} {checkpoint.get(key)!r}, but this program "
                                   f"normalises with {list(expected)}")
 
 
@@ -267,6 +273,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{path} is for architecture {checkpoint['arch']!r}, this program runs {ARCH}")
     if not isinstance(checkpoint["classes"], (list, tuple)) or list(checkpoint["classes"]) != BINARY_CLASSES:
         raise CheckpointError(f"{path} has classes {checkpoint['classes']!r}, expected {BINARY_CLASSES}")
+    checkpoint.setdefault("normalization", "imagenet")  # written before per-image standardisation existed
     _check_metadata(path, checkpoint)
     model = EfficientNetB0(num_classes=len(BINARY_CLASSES))
     state = checkpoint["state_dict"]
@@ -295,10 +302,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, pixels: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+def predict_probabilities(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int,
+                          device) -> torch.Tensor:
     """Defect probability for each uint8 (N, S, S, 3) image, in order, in batches."""
     model.eval()
-    out = [model(normalize(pixels[start:start + batch_size]).to(device)).float().softmax(1)[:, 1].cpu()
+    out = [model(normalize(pixels[start:start + batch_size], normalization).to(device)).float().softmax(1)[:, 1].cpu()
            for start in range(0, len(pixels), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 

@@ -197,7 +197,7 @@ def write_report(output: Path, metrics: dict, meta: dict, samples, pixels, proba
         items = []
         for start in range(0, len(indices), args.batch_size):
             chunk = indices[start:start + args.batch_size]
-            heatmaps = cam(dataset.normalize(pixels[chunk]).to(device), target_class=1).cpu()
+            heatmaps = cam(dataset.normalize(pixels[chunk], meta["normalization"]).to(device), target_class=1).cpu()
             for i, heatmap in zip(chunk, heatmaps):
                 image = np.asarray(dataset.open_image(samples[i].path, int(meta["image_size"])))
                 size = image.shape[:2]

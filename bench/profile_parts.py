@@ -75,7 +75,7 @@ def import_seconds(statement: str, skip_teardown: bool = False) -> tuple[float, 
 def cam_images_per_second(model, streams: int, pixels: np.ndarray, rounds: int = 6) -> float:
     """infer.py's ModelStreams (LayerCAM on features.1) over `rounds` batches per stream; torch's threads
     are shared out between the streams as infer.py does."""
-    runner = ModelStreams(model, "layercam", "features.1", streams, torch.device("cpu"))
+    runner = ModelStreams(model, "per-image", "layercam", "features.1", streams, torch.device("cpu"))
     batch = [Decoded(str(i), image) for i, image in enumerate(pixels)]
     try:
         runner.run(iter([batch] * streams), lambda *result: None)  # warm-up

@@ -343,7 +343,7 @@ def test_preprocess_any_mode(tmp_path):
     assert Image.open(paths["P"]).mode == "P"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. torch's "non-writable NumPy array" warning
-        out = {name: dataset.preprocess(path, 32) for name, path in paths.items()}
+        out = {name: dataset.preprocess(path, 32, "per-image") for name, path in paths.items()}
     assert dataset.to_model_pixels(dataset.open_image(paths["L"], 32), 32).flags.writeable
     for name, tensor in out.items():
         assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32, name
@@ -417,15 +417,15 @@ def test_non_square_is_resized_whole_not_cropped(tmp_path, size):
     assert pixels[8:24, 8:24].max() < 80  # and the inside stays dark
 
 
-def model_inputs_three_ways(samples, size):
+def model_inputs_three_ways(samples, size, normalization):
     """What train.py, infer.py and dataset.preprocess hand to the model, for the same files."""
-    trained = dataset.normalize(dataset.load_pixels(samples, size, progress=False))
+    trained = dataset.normalize(dataset.load_pixels(samples, size, progress=False), normalization)
     decoded = [infer.decode(s.path, s.relpath, size, with_display=True) for s in samples]
     assert all(d.error is None for d in decoded), [d.error for d in decoded]
-    inferred = dataset.normalize(np.stack([d.pixels for d in decoded]))
+    inferred = dataset.normalize(np.stack([d.pixels for d in decoded]), normalization)
     without_display = np.stack([infer.decode(s.path, s.relpath, size, with_display=False).pixels for s in samples])
-    preprocessed = torch.stack([dataset.preprocess(s.path, size) for s in samples])
-    return trained, inferred, dataset.normalize(without_display), preprocessed
+    preprocessed = torch.stack([dataset.preprocess(s.path, size, normalization) for s in samples])
+    return trained, inferred, dataset.normalize(without_display, normalization), preprocessed
 
 
 def assert_bitwise_equal(*tensors):
@@ -435,18 +435,19 @@ def assert_bitwise_equal(*tensors):
         assert torch.equal(other, first)
 
 
-@pytest.mark.parametrize("size", [64, 112])
-def test_train_infer_and_preprocess_agree_exactly(tmp_path, size):
+@pytest.mark.parametrize("normalization", dataset.NORMALIZATIONS)
+@pytest.mark.parametrize("size", [64, 200])
+def test_train_infer_and_preprocess_agree_exactly(tmp_path, size, normalization):
     paths = write_modes(tmp_path / "modes", synthetic_image("scratch", size=200, seed=5))
     wide = np.tile(synthetic_image(size=200, seed=6), (1, 3))[:, :450]
     Image.fromarray(wide).save(tmp_path / "wide.jpg")  # non-square, and a JPEG that is draft-decoded
     samples = [dataset.Sample(p, p.name, "scratches") for p in [*paths.values(), tmp_path / "wide.jpg"]]
-    assert_bitwise_equal(*model_inputs_three_ways(samples, size))
+    assert_bitwise_equal(*model_inputs_three_ways(samples, size, normalization))
 
 
 def test_train_infer_and_preprocess_agree_on_real_neu(neu_dir):
     samples, _ = dataset.find_samples(neu_dir, verbose=False)
     picked = dataset.first_per_class(samples, 1)
-    trained, *others = model_inputs_three_ways(picked, 64)
+    trained, *others = model_inputs_three_ways(picked, 64, "per-image")
     assert trained.shape == (6, 3, 64, 64)
     assert_bitwise_equal(trained, *others)

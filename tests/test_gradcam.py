@@ -35,7 +35,7 @@ def images_batch(n: int, seed: int = 100, kinds=("plain", "scratch")) -> torch.T
     """n synthetic images cycling through `kinds` (a plain texture has no defect evidence: a flat map)."""
     pixels = np.stack([np.repeat(synthetic_image(kinds[i % len(kinds)], SIZE, seed + i)[..., None], 3, -1)
                        for i in range(n)])
-    return dataset.normalize(pixels)
+    return dataset.normalize(pixels, "per-image")
 
 
 def minmax(maps: np.ndarray) -> np.ndarray:

@@ -164,7 +164,7 @@ def decisive_checkpoint(tmp_path_factory):
     batch = np.stack([np.repeat(synthetic_image(kind, 64, seed)[..., None], 3, axis=2)
                       for seed in range(6) for kind in ("plain", "scratch")])
     with torch.no_grad():
-        net.train()(dataset.normalize(batch))
+        net.train()(dataset.normalize(batch, "imagenet"))
     net.eval()
     torch.nn.init.normal_(net.classifier[1].weight, std=0.5)
     path = tmp_path_factory.mktemp("decisive") / "decisive.pth"
@@ -232,7 +232,7 @@ def test_messy_folder(tmp_path, decisive_checkpoint):
     net, meta = load_checkpoint(checkpoint)
     for relpath in ("good_scratch.png", "modes/sixteen.tif", "huge_6000x4000.jpg", "tiny_1x1.png"):
         with torch.no_grad():
-            logits = net(dataset.preprocess(images / relpath, meta["image_size"])[None])
+            logits = net(dataset.preprocess(images / relpath, meta["image_size"], meta["normalization"])[None])
         assert float(by_name[relpath]["defect_probability"]) == pytest.approx(
             float(logits.softmax(1)[0, 1]), abs=2e-4), relpath
 

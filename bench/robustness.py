@@ -1,0 +1,121 @@
+"""Does the model survive another camera? Accuracy and scratch recall on a split's held-out images under
+changes of gain, contrast, gamma, focus, noise, compression and magnification.
+
+    python bench/robustness.py                                  # model_binary.pth, its test split
+    python bench/robustness.py --model other.pth --split val
+
+Each change is applied to the decoded image at its own resolution, before the one preprocessing function
+(dataset.to_model_pixels + dataset.normalize), as a different camera would deliver it; the checkpoint's own
+threshold decides. The first eight rows are the changes the recipe was asked to survive; the rest are other
+values of the same kinds, never used to choose anything, to show whether it generalises.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dataset  # noqa: E402
+import perturb  # noqa: E402
+from common import default_data_dir, machine_lines, markdown_table  # noqa: E402
+from evaluate import binary_metrics, select_samples  # noqa: E402
+from model import load_checkpoint, pick_device, predict_probabilities  # noqa: E402
+
+# name -> change(image, rng); the rng is seeded per image, so every run perturbs identically
+PERTURBATIONS = {
+    "none": lambda im, rng: im,
+    "darker x0.7": lambda im, rng: perturb.gain(im, 0.7),
+    "brighter x1.3": lambda im, rng: perturb.gain(im, 1.3),
+    "contrast x0.6": lambda im, rng: perturb.contrast(im, 0.6),
+    "Gaussian blur sigma 1 px": lambda im, rng: perturb.blur(im, 1.0),
+    "JPEG quality 30": lambda im, rng: perturb.jpeg(im, 30),
+    "Gaussian noise sigma 8": lambda im, rng: perturb.noise(im, 8.0, rng),
+    "1.5x magnification": lambda im, rng: perturb.magnify(im, 1.5),
+}
+OTHER_VALUES = {
+    "darker x0.5, +10 offset": lambda im, rng: perturb.gain(im, 0.5, 10),
+    "brighter x1.5": lambda im, rng: perturb.gain(im, 1.5),
+    "contrast x1.4": lambda im, rng: perturb.contrast(im, 1.4),
+    "gamma 0.7": lambda im, rng: perturb.gamma(im, 0.7),
+    "gamma 1.4": lambda im, rng: perturb.gamma(im, 1.4),
+    "Gaussian blur sigma 1.5 px": lambda im, rng: perturb.blur(im, 1.5),
+    "JPEG quality 15": lambda im, rng: perturb.jpeg(im, 15),
+    "Gaussian noise sigma 12": lambda im, rng: perturb.noise(im, 12.0, rng),
+    "1.25x magnification": lambda im, rng: perturb.magnify(im, 1.25),
+    "blur 1 px + noise 6 + JPEG 50": lambda im, rng: perturb.jpeg(perturb.noise(perturb.blur(im, 1.0), 6.0, rng), 50),
+}
+
+
+def decode_originals(samples) -> list[np.ndarray]:
+    """Each image decoded at its own size (uint8 H x W x 3), as the camera delivered it."""
+    return [np.asarray(dataset.open_image(s.path, dataset.NATIVE_SIZE)) for s in samples]
+
+
+def perturbed_pixels(originals: list[np.ndarray], change, image_size: int) -> torch.Tensor:
+    """change() applied to every original, then the model's own resize: uint8 (N, S, S, 3)."""
+    from PIL import Image
+    out = []
+    for index, image in enumerate(originals):
+        changed = change(image, np.random.default_rng(index))
+        out.append(dataset.to_model_pixels(Image.fromarray(changed), image_size))
+    return torch.from_numpy(np.stack(out))
+
+
+def robustness_rows(model, meta: dict, samples, device, batch_size: int = 64, with_other_values: bool = True,
+                    progress: bool = True) -> list[dict]:
+    """One dict per perturbation: accuracy, recall, false alarms, misses, at the checkpoint's threshold."""
+    originals = decode_originals(samples)
+    labels = dataset.labels_of(samples)
+    changes = {**PERTURBATIONS, **(OTHER_VALUES if with_other_values else {})}
+    rows = []
+    for name, change in tqdm(changes.items(), desc="perturbations", unit="change", disable=not progress,
+                             file=sys.stdout, leave=False):
+        pixels = perturbed_pixels(originals, change, int(meta["image_size"]))
+        probabilities = predict_probabilities(model, pixels, meta["normalization"], batch_size, device).numpy()
+        m = binary_metrics(probabilities, labels, float(meta["threshold"]))
+        rows.append(dict(perturbation=name, asked=name in PERTURBATIONS, accuracy=m["accuracy"], recall=m["recall"],
+                         false_alarms=m["confusion_matrix"]["fp"], misses=m["confusion_matrix"]["fn"],
+                         n_images=m["n_images"], n_scratches=int(labels.sum())))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["perturbation", "accuracy", "scratch recall", "false alarms", "missed scratches"],
+        [[r["perturbation"] + ("" if r["asked"] else " (other value)"), f"{r['accuracy']:.4f}", f"{r['recall']:.4f}",
+          r["false_alarms"], r["misses"]] for r in rows])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "model_binary.pth"))
+    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    model, meta = load_checkpoint(args.model, device)
+    samples, _ = select_samples(default_data_dir(args.data_dir), meta, args.split)
+    rows = robustness_rows(model, meta, samples, device)
+    labels = dataset.labels_of(samples)
+    print("\n".join(f"- {line}" for line in machine_lines()))
+    print(f"- model {args.model}: image size {meta['image_size']}, {meta['normalization']} normalization, "
+          f"threshold {float(meta['threshold']):.4f}, seed {meta.get('seed')}")
+    print(f"- {args.split} split: {len(samples)} images, {int(labels.sum())} scratches\n")
+    print(table(rows))
+    asked = [r for r in rows if r["asked"]]
+    print(f"\nworst of the first {len(asked)} rows: accuracy {min(r['accuracy'] for r in asked):.4f}, "
+          f"scratch recall {min(r['recall'] for r in asked):.4f}; of all rows: accuracy "
+          f"{min(r['accuracy'] for r in rows):.4f}, scratch recall {min(r['recall'] for r in rows):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Is the recipe robust or lucky? Train with several seeds (each makes its own split) and score each model on
+its own validation and test splits, clean and under bench/robustness.py's camera changes.
+
+    python bench/seeds.py                                   # python train.py defaults, seeds 0 1 2
+    python bench/seeds.py --seeds 0 1 2 3 4 --jobs 2
+    python bench/seeds.py -- --augment dihedral --normalization imagenet    # another recipe
+
+Each run is `python train.py --seed S [args after --]` as a whole child process, writing into a temp folder
+(the committed model_binary.pth and test_images/ are never touched). The table gives, per seed, validation and
+test accuracy, scratch recall and false alarms at the checkpoint's threshold, and the worst accuracy and recall
+over the eight camera changes on its test split; then the mean and the worst seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import check, default_data_dir, load_average, machine_lines, markdown_table, run_child
+from robustness import robustness_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+OWNED_BY_BENCH = ("--data-dir", "--output", "--reports", "--test-images", "--seed")
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1: timings stay honest)")
+    p.add_argument("--no-robustness", dest="robustness", action="store_false", help="clean metrics only")
+    p.add_argument("--json", help="also write every figure to this JSON file")
+    args = p.parse_args(argv)
+    clashes = [a for a in extra if a.split("=", 1)[0] in OWNED_BY_BENCH]
+    if clashes:
+        p.error(f"{', '.join(clashes)}: the bench sets these itself")
+    args.train_args = extra
+    return args
+
+
+def train(seed: int, data_dir: Path, train_args: list[str], work: Path) -> tuple[Path, float]:
+    folder = work / f"seed{seed}"
+    folder.mkdir()
+    checkpoint = folder / "model.pth"
+    run = run_child([sys.executable, "train.py", "--data-dir", str(data_dir), "--seed", str(seed),
+                     "--output", str(checkpoint), "--reports", str(folder / "reports"), "--test-images", "",
+                     *train_args], folder / "train.log")
+    check(run, f"train.py --seed {seed}")
+    return checkpoint, run.wall_s
+
+
+def score(checkpoint: Path, data_dir: Path, robustness: bool) -> dict:
+    """Clean val and test metrics of one checkpoint, and its camera-change rows on the test split."""
+    import dataset
+    from evaluate import binary_metrics, select_samples
+    from model import load_checkpoint, pick_device, predict_probabilities
+
+    device = pick_device("auto")
+    model, meta = load_checkpoint(checkpoint, device)
+    result = {"threshold": float(meta["threshold"]), "best_epoch": meta.get("best_epoch")}
+    for split in ("val", "test"):
+        samples, _ = select_samples(data_dir, meta, split)
+        pixels = dataset.load_pixels(samples, int(meta["image_size"]), progress=False)
+        import torch
+        probabilities = predict_probabilities(model, torch.from_numpy(pixels), meta["normalization"], 64, device)
+        m = binary_metrics(probabilities.numpy(), dataset.labels_of(samples), float(meta["threshold"]))
+        result[split] = dict(accuracy=m["accuracy"], recall=m["recall"], false_alarms=m["confusion_matrix"]["fp"],
+                             misses=m["confusion_matrix"]["fn"], n=m["n_images"],
+                             wrong=[s.relpath for s, p in zip(samples, probabilities.tolist())
+                                    if (p >= meta["threshold"]) != bool(s.label)])
+        if split == "test" and robustness:
+            result["robustness"] = robustness_rows(model, meta, samples, device, progress=False)
+    return result
+
+
+def one_seed(seed: int, args, data_dir: Path, work: Path) -> dict:
+    checkpoint, wall = train(seed, data_dir, args.train_args, work)
+    result = {"seed": seed, "train_wall_s": wall, **score(checkpoint, data_dir, args.robustness)}
+    shutil.rmtree(checkpoint.parent)
+    print(f"seed {seed}: {wall:.0f}s; val acc {result['val']['accuracy']:.4f} recall {result['val']['recall']:.4f}; "
+          f"test acc {result['test']['accuracy']:.4f} recall {result['test']['recall']:.4f} "
+          f"wrong {result['test']['wrong']}", flush=True)
+    return result
+
+
+def worst_asked(result: dict, key: str) -> float:
+    return min(r[key] for r in result["robustness"] if r["asked"])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data_dir = default_data_dir(args.data_dir)
+    command = " ".join(["python train.py", *args.train_args])
+    machine = machine_lines()
+    print("\n".join(machine) + f"\ncommand: {command} --seed S, seeds {args.seeds}", flush=True)
+    sys.path.insert(0, str(ROOT))
+    with tempfile.TemporaryDirectory(prefix="seeds_") as work:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            results = list(pool.map(lambda s: one_seed(s, args, data_dir, Path(work)), args.seeds))
+
+    columns = [  # (header, value of one seed's result, higher is better, format)
+        ("val accuracy", lambda r: r["val"]["accuracy"], True, "{:.4f}"),
+        ("val recall", lambda r: r["val"]["recall"], True, "{:.4f}"),
+        ("val false alarms", lambda r: r["val"]["false_alarms"], False, "{:g}"),
+        ("test accuracy", lambda r: r["test"]["accuracy"], True, "{:.4f}"),
+        ("test recall", lambda r: r["test"]["recall"], True, "{:.4f}"),
+        ("test false alarms", lambda r: r["test"]["false_alarms"], False, "{:g}"),
+        ("train wall s", lambda r: r["train_wall_s"], False, "{:.0f}"),
+    ]
+    if args.robustness:
+        columns += [("worst camera change: accuracy", lambda r: worst_asked(r, "accuracy"), True, "{:.4f}"),
+                    ("worst camera change: recall", lambda r: worst_asked(r, "recall"), True, "{:.4f}")]
+    rows = [[r["seed"], *(fmt.format(get(r)) for _, get, _, fmt in columns)] for r in results]
+    values = [[get(r) for r in results] for _, get, _, _ in columns]
+    rows.append(["mean", *(fmt.format(sum(v) / len(v)) for v, (_, _, _, fmt) in zip(values, columns))])
+    rows.append(["worst", *(fmt.format(min(v) if higher else max(v)) for v, (_, _, higher, fmt) in zip(values, columns))])
+    print(f"\n## Seeds ({command})\n")
+    print("\n".join(f"- {line}" for line in machine) + f"\n- load average at the end: {load_average()}\n")
+    print(markdown_table(["seed", *(c[0] for c in columns)], rows))
+    for r in results:
+        if r["test"]["wrong"]:
+            print(f"- seed {r['seed']} test errors: {', '.join(r['test']['wrong'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": command, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
