@@ -97,6 +97,83 @@ def open_image(path: str | Path, image_size: int) -> Image.Image:
         return _to_rgb8(image)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Reading a large frame at native scale, for tiled inference (infer.py cuts it into NATIVE_SIZE tiles).
+# ---------------------------------------------------------------------------------------------------------
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_BAND_ROWS = 256  # rows converted at a time: a 16-bit frame is never held as float64 (8 bytes a pixel) whole
+
+
+def oriented_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image as open_image and open_frame return it: EXIF orientations 5-8 swap the
+    two. Reads the header only, except for a PNG, whose EXIF chunk may follow the pixels (so Pillow decodes
+    it): call this for small images."""
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)  # ExifTags.Base.Orientation
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _gray8_in_bands(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float image -> 8-bit 'L' with _to_rgb8's scaling, a band of rows at a time."""
+    width, height = image.size
+    bands = [(top, min(height, top + _BAND_ROWS)) for top in range(0, height, _BAND_ROWS)]
+    unit_floats = False
+    if image.mode == "F":  # values in [0, 1] are scaled to [0, 255], as _to_rgb8 does
+        peaks = [np.nanmax(band) for top, bottom in bands
+                 if (band := np.asarray(image.crop((0, top, width, bottom)), dtype=np.float64)).size
+                 and not np.isnan(band).all()]
+        unit_floats = bool(peaks) and max(peaks) <= 1.0
+    out = np.empty((height, width), np.uint8)
+    for top, bottom in bands:
+        values = np.asarray(image.crop((0, top, width, bottom)), dtype=np.float64)
+        if unit_floats:
+            values = values * 255.0
+        elif image.mode != "F":
+            values = values / 257.0
+        out[top:bottom] = np.clip(np.nan_to_num(values), 0, 255).round()
+    return Image.fromarray(out, mode="L")
+
+
+def _to_frame8(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 'L' for single-channel images (1 byte a pixel), else 'RGB' exactly as _to_rgb8.
+    'L' tiles become the same model pixels as the 'RGB' image _to_rgb8 would give (its three channels equal)."""
+    if image.mode in ("L", "RGB"):
+        return image  # as decoded: convert() would copy it
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode in _HIGH_DEPTH_MODES:
+        return _gray8_in_bands(image)
+    if image.mode == "LA":  # alpha over black, as _to_rgb8; the composite of a grey image is grey
+        return _to_rgb8(image).getchannel(0)
+    return _to_rgb8(image)
+
+
+def open_frame(path: str | Path) -> Image.Image:
+    """Decode an image at native resolution for tiling: 'L' (1 byte a pixel) when it has one channel, else
+    'RGB' (Pillow keeps that at 4 bytes a pixel); EXIF orientation applied in place, without a copy.
+
+    The limit is Pillow's decompression-bomb limit, Image.MAX_IMAGE_PIXELS (89,478,485 pixels by default,
+    e.g. 20000 x 4473): a larger image is refused with DecompressionBombError before any pixel is decoded,
+    so a frame costs at most ~90 MB grey or ~360 MB colour, whatever its header claims.
+    """
+    with Image.open(path) as image:
+        if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(
+                f"image of {image.width}x{image.height} pixels exceeds the limit of {Image.MAX_IMAGE_PIXELS} "
+                f"pixels (Pillow's MAX_IMAGE_PIXELS: a decompression bomb, or a frame to split before inference)")
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        return _to_frame8(image)
+
+
+def tile_model_pixels(tile: np.ndarray, image_size: int) -> np.ndarray:
+    """A tile cut from an open_frame image (T x T grey, or T x T x 3) -> uint8 S x S x 3 model pixels, resized
+    exactly as to_model_pixels resizes a whole image (a grey tile's three channels are equal, as _to_rgb8's)."""
+    pixels = to_model_pixels(Image.fromarray(tile), image_size)
+    return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
+
+
 def to_model_pixels(image: Image.Image, image_size: int) -> np.ndarray:
     """Resize the whole image to image_size x image_size (no crop: defects reach the border) -> uint8 HxWx3.
     A writable copy: torch warns about (and must not share) the read-only buffer np.asarray gives."""

@@ -6,7 +6,9 @@
 
 Localization uses the NEU-DET boxes (ANNOTATIONS/*.xml, matched to images by file name) of the scratch
 images, with the heatmap for class "defect" resized to the image's original geometry:
-  pointing game  = share of images whose heatmap maximum lies inside a ground-truth box;
+  pointing game  = mean over images of the share of the heatmap's maximal pixels inside a ground-truth box (one
+                   maximum: hit or miss; a tie scores what a random tie-break would); a flat map has no
+                   maximum and is a miss, so a CAM that says nothing cannot score;
   energy in box  = share of the heatmap's total mass inside the boxes (a uniform map scores ~0.19 here).
 """
 from __future__ import annotations
@@ -112,9 +114,16 @@ def box_mask(size: tuple[int, int], boxes) -> np.ndarray:
     return mask
 
 
-def pointing_hit(heatmap: np.ndarray, mask: np.ndarray) -> bool:
-    """Does the heatmap's maximum fall inside the boxes? (ties: any maximal pixel inside counts)"""
-    return bool(mask[heatmap >= heatmap.max()].any())
+def pointing_hit(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Pointing-game score of one heatmap in [0, 1]: 1 if its maximum lies inside the boxes, 0 if outside.
+
+    Ties score the share of the maximal pixels inside, what a random tie-break gives on average: counting a
+    tie as a hit when any maximal pixel is inside would let a flat map (all tied) hit every box. A flat map
+    (max == min, e.g. all zeros) points nowhere and scores 0."""
+    peak = heatmap.max()
+    if not np.isfinite(peak) or peak <= heatmap.min():
+        return 0.0
+    return float(mask[heatmap == peak].mean())
 
 
 def energy_in_box(heatmap: np.ndarray, mask: np.ndarray) -> float:
@@ -130,7 +139,9 @@ def find_annotations(data_dir: Path) -> dict[str, Path]:
 
 def localization_scores(model, pixels, boxes, normalization: str, method: str, layer: str, batch_size: int,
                         device) -> dict:
-    """Pointing game and energy-in-box of one CAM method x layer over (pixels, (size, boxes)) pairs."""
+    """Pointing game and energy-in-box of one CAM method x layer over (pixels, (size, boxes)) pairs: each
+    heatmap is resized to its image's original (width, height) and scored with pointing_hit (a fraction for
+    ties, 0 for a flat map) and energy_in_box, then averaged over the images."""
     cam = GradCAM(model, resolve_layer(model, layer), method)
     hits, energies = [], []
     for start in range(0, len(pixels), batch_size):
@@ -208,7 +219,7 @@ def evaluate(args) -> dict:
         print("no ANNOTATIONS (*.xml) for the scratch images here: localization skipped")
         metrics["localization"] = None
     metrics["localization_table"] = table
-    metrics["model"] = {k: meta.get(k) for k in ("arch", "pretrained", "epochs", "best_epoch", "image_size",
+    metrics["model"] = {k: meta.get(k) for k in ("arch", "pretrained", "epochs", "image_size",
                                                  "normalization", "threshold", "seed", "date", "split",
                                                  "val_metrics", "hyperparameters")}
     metrics["data"] = split_info
@@ -222,8 +233,57 @@ def evaluate(args) -> dict:
         pages = report.write_report(output, metrics, meta, samples, pixels, probabilities, boxed, boxes,
                                     model, args, device)
         print(f"report: {output / 'report.pdf'} ({pages} pages) and its figures as PNG in {output}/")
+        page = write_review(output, samples, pixels, probabilities, threshold, meta, split_info, model, args,
+                            device)
+        print(f"review page: {page} (overlays in {output / REVIEW_OVERLAY_DIR}/)")
     print(f"metrics: {output / 'metrics.json'}")
     return metrics
+
+
+REVIEW_OVERLAY_DIR = "eval_overlays"
+
+
+def write_review(output: Path, samples, pixels, probabilities, threshold: float, meta: dict, data: dict, model,
+                 args, device) -> Path:
+    """review.html beside report.pdf: every evaluated image with its verdict, true label (wrong verdicts marked)
+    and an overlay like infer.py's (args.cam on args.cam_layer, class defect) in eval_overlays/. Overlays that
+    this run did not write (an earlier evaluation of other images) are removed from that folder."""
+    import review
+    from gradcam import encode_overlay, render_overlay
+    from infer import DISPLAY_MAX_SIDE, OVERLAY_DIR, overlay_names
+    from PIL import Image
+
+    names = {relpath: REVIEW_OVERLAY_DIR + name[len(OVERLAY_DIR):]
+             for relpath, name in overlay_names([s.relpath for s in samples]).items()}
+    cam = GradCAM(model, resolve_layer(model, args.cam_layer), args.cam)
+    rows, written = [], set()
+    for start in tqdm(range(0, len(samples), args.batch_size), desc="review page", unit="batch", file=sys.stdout):
+        end = min(start + args.batch_size, len(samples))
+        images = dataset.normalize(pixels[start:end], meta["normalization"]).to(device)
+        heatmaps = cam(images, target_class=1).cpu().numpy()
+        for sample, heatmap, probability in zip(samples[start:end], heatmaps, probabilities[start:end]):
+            prediction = dataset.BINARY_CLASSES[int(probability >= threshold)]
+            overlay, status = names[sample.relpath], "ok"
+            try:
+                shown = dataset.open_image(sample.path, int(meta["image_size"]))
+                shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.BILINEAR)
+                encoded = encode_overlay(render_overlay(np.asarray(shown), heatmap, prediction, float(probability)))
+                with atomic_write(output / overlay, "wb", fsync=False) as handle:
+                    handle.write(encoded)
+                written.add(overlay)
+            except Exception as error:  # one overlay failing must not cost the page
+                overlay, status = "", f"error: overlay not written: {type(error).__name__}: {error}"
+            rows.append({"image": sample.relpath, "prediction": prediction, "defect_probability": float(probability),
+                         "gradcam": overlay, "status": status, "truth": dataset.BINARY_CLASSES[sample.label]})
+    folder = output / REVIEW_OVERLAY_DIR
+    for old in folder.rglob("*_gradcam.jpg") if folder.is_dir() else ():
+        if old.relative_to(output).as_posix() not in written and not old.is_symlink():
+            old.unlink()
+    summary = review.model_summary(args.model, meta, threshold, data=f"{data['data_dir']} ({data['layout']})",
+                                   split=f"{data['split']} ({len(samples)} images)",
+                                   explanation=f"{args.cam} on {args.cam_layer}")
+    return review.write_review_page(output / "review.html", rows, summary,
+                                    title="Scratch detector: evaluation review")
 
 
 def summary_line(metrics: dict) -> str:

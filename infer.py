@@ -3,8 +3,14 @@
     python infer.py                                  # test_images/ -> outputs/predictions.csv + outputs/gradcam/
     python infer.py --input /line3/today --output /line3/report --no-cam
 
+An image larger than a tile (200 px, the scale the model was trained at) on either side is cut into
+overlapping tiles at that scale instead of being shrunk whole (--tile off shrinks it, as before): its
+p(defect) is its hottest tile's, every tile at or over the threshold is a row of detections.csv and a box on
+its overlay, and the tiles' heatmaps are blended into one. pipeline.py holds that per-image work.
+
 Decoding runs in a reader thread and overlay drawing and writing in a writer thread, while the model works on
-two batches at once (ModelStreams); every queue is bounded, so memory does not grow with the number of images.
+two batches at once (ModelStreams); every queue is bounded (units, and bytes of pending overlays), so memory
+does not grow with the number of images or tiles.
 """
 from __future__ import annotations
 
@@ -19,25 +25,29 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import dataset
-from gradcam import GradCAM, METHODS, OVERLAY_FORMATS, encode_overlay, render_overlay, resolve_layer
+from gradcam import METHODS, OVERLAY_FORMATS, encode_overlay, resolve_layer
 from model import fold_batchnorm, load_checkpoint, pick_device
+# Decoded, decode and DISPLAY_MAX_SIDE are also infer.py's: bench/ and evaluate.py import them from here
+from pipeline import (DISPLAY_MAX_SIDE, FRAME_OVERLAY_SIDE, Aggregator, BatchPredictor, Decoded, Plan,  # noqa: F401
+                      Result, decode, decode_units)
+from review import model_summary, write_review_page
 from runtime import UserError, atomic_write, ensure_writable_dir, interrupts_deferred, run_main, write_csv
 
 # The default explanation, chosen on the validation split by evaluate.py's localization table (README).
 DEFAULT_CAM = "layercam"
 DEFAULT_CAM_LAYER = "features.1"
-DISPLAY_MAX_SIDE = 512          # overlays of large photos are drawn at most this wide/high
-CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status"]
+CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile"]
+DETECTION_COLUMNS = ["image", "x", "y", "width", "height", "defect_probability"]
+OVERLAY_BYTES_PENDING = 64 * 2**20  # overlays drawn by the writer later: at most this much of images + heatmaps
 OVERLAY_DIR = "gradcam"
+HEATMAP_DIR = "heatmaps"
 OVERLAY_SUFFIXES = tuple(f"_gradcam.{file_format}" for file_format in OVERLAY_FORMATS)
 
 
@@ -57,9 +67,27 @@ def parse_args(argv=None):
     p.add_argument("--streams", type=int, default=0,
                    help="batches worked on side by side, each on its own model copy (default: 2 on a CPU with "
                         "2+ threads, else 1)")
+    p.add_argument("--tile", choices=["auto", "off"], default="auto",
+                   help="auto: an image larger than --tile-size on either side is cut into overlapping tiles at "
+                        "native scale, each classified and explained; off: every image is shrunk whole to the "
+                        "model input (default: %(default)s)")
+    p.add_argument("--tile-size", type=int, default=dataset.NATIVE_SIZE,
+                   help="tile side in image pixels: the scale the model was trained at, NEU's 200 x 200 images "
+                        "(each tile is resized to the checkpoint's image size) (default: %(default)s)")
+    p.add_argument("--tile-stride", type=int,
+                   help="largest step between tiles in image pixels (default: 3/4 of --tile-size, a quarter "
+                        "overlap: every point lies 1/8 of a tile inside some tile)")
+    p.add_argument("--overlay-max-side", type=int, default=FRAME_OVERLAY_SIDE,
+                   help="a tiled image's overlay fits in this many pixels each way (default: %(default)s)")
+    p.add_argument("--save-heatmaps", action="store_true",
+                   help=f"also write each image's heatmap as float16 .npy ({HEATMAP_DIR}/, at the overlay's scale)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.streams < 0:
         p.error("--batch-size must be >= 1 and --streams >= 0")
+    if args.tile_size < 1 or not 1 <= (args.tile_stride or 1) <= args.tile_size:
+        p.error("need --tile-size >= 1 and 1 <= --tile-stride <= --tile-size (else pixels fall between tiles)")
+    if args.overlay_max_side < 256:
+        p.error("--overlay-max-side must be >= 256")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         p.error("--threshold must be between 0 and 1")
     return args
@@ -102,52 +130,60 @@ def overlay_names(relpaths: list[str], file_format: str = "jpg") -> dict[str, st
     return names
 
 
-@dataclass
-class Decoded:
-    relpath: str
-    pixels: np.ndarray | None = None     # model input, uint8 S x S x 3
-    display: np.ndarray | None = None    # RGB for the overlay, at most DISPLAY_MAX_SIDE
-    error: str | None = None
-
-
-def decode(path: Path, relpath: str, image_size: int, with_display: bool) -> Decoded:
-    """One file -> model pixels (+ display image); any failure becomes an error reason, never an exception."""
-    try:
-        image = dataset.open_image(path, image_size)
-        display = None
-        if with_display:
-            shown = image.copy()
-            shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.BILINEAR)
-            display = np.asarray(shown)
-        return Decoded(relpath, dataset.to_model_pixels(image, image_size), display)
-    except Exception as error:  # one bad file must never stop the batch: PIL raises many types
-        reason = " ".join(str(error).split()) or type(error).__name__
-        return Decoded(relpath, error=f"{type(error).__name__}: {reason}"[:300])
-
-
-def read_ahead(paths, root: Path, image_size: int, with_display: bool, out: queue.Queue, stop: threading.Event):
-    """Reader thread: decode files in order into a bounded queue; None marks the end."""
+def read_ahead(paths, root: Path, plan: Plan, out: queue.Queue, stop: threading.Event):
+    """Reader thread: each file's units (a whole image, or its tiles) in order into a bounded queue; None
+    marks the end. The queue holds units, not frames: a large frame is decoded once and cut as the model
+    takes its tiles, so at most one frame's pixels are held here."""
     for path in paths:
+        for unit in decode_units(path, path.relative_to(root).as_posix(), plan):
+            if stop.is_set():
+                break
+            out.put(unit)
         if stop.is_set():
             break
-        out.put(decode(path, path.relative_to(root).as_posix(), image_size, with_display))
     out.put(None)
 
 
-def write_overlays(jobs: queue.Queue, output: Path, file_format: str, failures: dict):
-    """Writer thread: render, encode and write each overlay (temp file + rename); None ends it."""
+class Budget:
+    """Bytes handed to another thread: take() waits while more than `limit` are out, except that one item
+    always passes when none is out (an item over the limit waits for an empty queue, not forever)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.out = limit, 0
+        self.changed = threading.Condition()
+
+    def take(self, amount: int) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.out == 0 or self.out + amount <= self.limit)
+            self.out += amount
+
+    def give(self, amount: int) -> None:
+        with self.changed:
+            self.out -= amount
+            self.changed.notify_all()
+
+
+def write_overlays(jobs: queue.Queue, output: Path, file_format: str, failures: dict, budget: Budget):
+    """Writer thread: render, encode and write each overlay (temp file + rename), and its heatmap when asked
+    (a name); None ends it."""
     while (job := jobs.get()) is not None:
-        relpath, overlay_name, display, heatmap, prediction, probability = job
+        relpath, overlay_name, heatmap_name, overlay, prediction, probability = job
         try:
-            data = encode_overlay(render_overlay(display, heatmap, prediction, probability), file_format)
+            data = encode_overlay(overlay.render(prediction, probability), file_format)
             with atomic_write(output / overlay_name, "wb", fsync=False) as handle:
                 handle.write(data)
+            if heatmap_name:
+                with atomic_write(output / heatmap_name, "wb", fsync=False) as handle:
+                    np.save(handle, overlay.heatmap.astype(np.float16))
         except Exception as error:  # a full disk or odd path fails this overlay, not the run
             failures[relpath] = f"overlay not written: {type(error).__name__}: {error}"
+        finally:
+            budget.give(overlay.nbytes)
 
 
-def batches_of(decoded: queue.Queue, size: int, on_error) -> Iterator[list[Decoded]]:
-    """The reader's items grouped into batches of `size` decoded images; unreadable ones go to on_error."""
+def batches_of(decoded: queue.Queue, size: int, on_error) -> Iterator[list]:
+    """The reader's units grouped into batches of `size` (tiles of several images and whole images may share
+    one); unreadable images go to on_error."""
     batch = []
     while (item := decoded.get()) is not None:
         if item.error:
@@ -175,34 +211,24 @@ class ModelStreams:
         self.threads_before = torch.get_num_threads()
         self.count = requested or (2 if device.type == "cpu" and self.threads_before >= 2 else 1)
         self.threads_each = max(1, self.threads_before // self.count)
-        self.device = device
-        self.normalization = normalization
         self.idle: queue.SimpleQueue = queue.SimpleQueue()
         for copy_ in [model] + [copy.deepcopy(model) for _ in range(self.count - 1)]:
-            self.idle.put((copy_, None if cam_method is None else GradCAM(copy_, cam_layer, cam_method)))
+            self.idle.put(BatchPredictor(copy_, normalization, cam_method, cam_layer, device))
         torch.set_num_threads(self.threads_each)
         self.pool = ThreadPoolExecutor(self.count, thread_name_prefix="model")
 
     def describe(self) -> str:
         return f"{self.count} model stream{'s' if self.count > 1 else ''} x {self.threads_each} thread(s)"
 
-    def predict(self, batch: list[Decoded]) -> tuple[np.ndarray, np.ndarray | None]:
-        """-> (p(defect) per image, heatmaps for class defect or None), on whichever model copy is idle."""
-        model, cam = self.idle.get()
+    def predict(self, batch: list) -> tuple[np.ndarray, np.ndarray | None]:
+        """-> (p(defect) per unit, heatmaps for class defect or None), on whichever model copy is idle."""
+        predictor = self.idle.get()
         try:
-            images = dataset.normalize(np.stack([item.pixels for item in batch]), self.normalization).to(self.device)
-            if cam is None:
-                with torch.no_grad():
-                    logits = model(images)
-                heatmaps = None
-            else:
-                heatmaps, logits = cam.explain(images, target_class=1)  # where the model sees the defect
-                heatmaps = heatmaps.cpu().numpy()
-            return logits.float().softmax(1)[:, 1].cpu().numpy(), heatmaps
+            return predictor(batch)
         finally:
-            self.idle.put((model, cam))
+            self.idle.put(predictor)
 
-    def run(self, batches: Iterator[list[Decoded]], record) -> None:
+    def run(self, batches: Iterator[list], record) -> None:
         """record(batch, probabilities, heatmaps) for every batch, in input order, in the calling thread.
         Every copy busy plus one batch waiting, no more: memory stays flat however many images come."""
         pending: deque = deque()
@@ -274,39 +300,56 @@ def main(argv=None) -> int:
     names = overlay_names(relpaths, args.overlay_format)
     csv_path = output / "predictions.csv"
     old_overlays = previous_overlays(csv_path)
+    plan = Plan(image_size, None if args.tile == "off" else args.tile_size, args.tile_stride,
+                with_display=cam_method is not None, overlay_side=args.overlay_max_side)
     streams = ModelStreams(model, meta["normalization"], cam_method, args.cam_layer, args.streams, device)
+    stride = args.tile_stride or plan.tile - plan.tile // 4 if plan.tile else 0
+    tiling = "tiling off" if plan.tile is None else f"images over {plan.tile} px tiled, stride {stride}"
     print(f"{len(paths)} images in {root}; model {args.model} (image size {image_size}, threshold {threshold:.4f}); "
-          f"{'no CAM' if cam_method is None else f'{args.cam} on {args.cam_layer}'}; device {device}, "
+          f"{'no CAM' if cam_method is None else f'{args.cam} on {args.cam_layer}'}; {tiling}; device {device}, "
           f"{streams.describe()}")
 
     stop = threading.Event()
     decoded: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
     jobs: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
+    pending = Budget(OVERLAY_BYTES_PENDING)
     overlay_failures: dict[str, str] = {}
-    reader = threading.Thread(target=read_ahead, daemon=True,
-                              args=(paths, root, image_size, cam_method is not None, decoded, stop))
-    writer = threading.Thread(target=write_overlays, args=(jobs, output, args.overlay_format, overlay_failures),
-                              daemon=True)
+    reader = threading.Thread(target=read_ahead, daemon=True, args=(paths, root, plan, decoded, stop))
+    writer = threading.Thread(target=write_overlays, daemon=True,
+                              args=(jobs, output, args.overlay_format, overlay_failures, pending))
     reader.start()
     writer.start()
     results: dict[str, tuple] = {}
+    detections: dict[str, list] = {}
+    aggregator = Aggregator(threshold)
+    units = Counter()  # model inputs: tiles, and whole images
     bar = tqdm(total=len(paths), unit="img", desc="infer", file=sys.stdout)
 
     def skip_unreadable(item: Decoded):
-        results[item.relpath] = ("", "", "", "", f"error: {item.error}")
+        results[item.relpath] = ("", "", "", "", f"error: {item.error}", "", "")
         bar.update(1)
 
-    def record(batch: list[Decoded], probabilities: np.ndarray, heatmaps: np.ndarray | None):
-        for i, item in enumerate(batch):
-            probability = float(probabilities[i])
-            label = int(probability >= threshold)
-            prediction = dataset.BINARY_CLASSES[label]
-            overlay = ""
-            if heatmaps is not None:
-                overlay = names[item.relpath]
-                jobs.put((item.relpath, overlay, item.display, heatmaps[i], prediction, probability))
-            results[item.relpath] = (prediction, label, f"{probability:.4f}", overlay, "ok")
-        bar.update(len(batch))
+    def finish(result: Result):
+        label = int(result.probability >= threshold)
+        prediction = dataset.BINARY_CLASSES[label]
+        overlay = ""
+        if result.overlay is not None:
+            overlay = names[result.relpath]
+            heatmap = HEATMAP_DIR + overlay[len(OVERLAY_DIR):].rsplit("_gradcam.", 1)[0] + "_heatmap.npy"
+            pending.take(result.overlay.nbytes)
+            jobs.put((result.relpath, overlay, heatmap if args.save_heatmaps else "", result.overlay, prediction,
+                      result.probability))
+        box = "" if result.max_tile is None else ",".join(map(str, result.max_tile))
+        results[result.relpath] = (prediction, label, f"{result.probability:.4f}", overlay, "ok", result.tiles, box)
+        detections[result.relpath] = result.detections
+        bar.update(1)
+
+    def record(batch: list, probabilities: np.ndarray, heatmaps: np.ndarray | None):
+        for i, unit in enumerate(batch):
+            result = aggregator.add(unit, float(probabilities[i]), None if heatmaps is None else heatmaps[i])
+            if result is not None:
+                finish(result)
+        units["units"] += len(batch)
 
     try:
         streams.run(batches_of(decoded, args.batch_size, skip_unreadable), record)
@@ -323,22 +366,34 @@ def main(argv=None) -> int:
             writer.join()  # the writer finishes its current file, so no temp file is left behind
             bar.close()
 
-    rows = []
+    rows, detection_rows = [], []
     for relpath in relpaths:
-        prediction, label, probability, overlay, status = results[relpath]
+        prediction, label, probability, overlay, status, tiles, box = results.get(
+            relpath, ("", "", "", "", "error: not processed", "", ""))
         if relpath in overlay_failures:
             overlay, status = "", f"error: {overlay_failures[relpath]}"
-        rows.append([relpath, prediction, label, probability, overlay, status])
+        rows.append([relpath, prediction, label, probability, overlay, status, tiles, box])
+        detection_rows.extend([relpath, x, y, w, h, f"{p:.4f}"] for x, y, w, h, p in detections.get(relpath, ()))
     write_csv(csv_path, CSV_COLUMNS, rows)
+    write_csv(output / "detections.csv", DETECTION_COLUMNS, detection_rows)
+    page = write_review_page(output / "index.html", [dict(zip(CSV_COLUMNS, r)) for r in rows],
+                             model_summary(args.model, meta, threshold, input=root,
+                                           explanation=f"{args.cam} on {args.cam_layer}" if cam_method else "none"))
     removed = remove_stale_overlays(output, old_overlays, {r[4] for r in rows if r[4]})
 
     seconds = time.time() - started
     defects = sum(r[2] == 1 for r in rows)
     errors = sum(r[5] != "ok" for r in rows)
+    tiled = sum(isinstance(r[6], int) and r[6] > 1 for r in rows)
     print(f"{len(rows)} images: {defects} defect, {len(rows) - defects - errors} non-defect, {errors} errors; "
           f"{seconds:.1f}s, {len(rows) / seconds:.1f} images/s -> {csv_path}"
           + (f", overlays in {output / OVERLAY_DIR}/" if cam_method is not None else "")
           + (f" ({removed} stale overlays of the previous run removed)" if removed else ""))
+    if tiled:
+        print(f"{tiled} large images tiled: {units['units']} model inputs (tiles + whole images), "
+              f"{units['units'] / seconds:.1f} inputs/s; {len(detection_rows)} detections -> "
+              f"{output / 'detections.csv'}")
+    print(f"review page: {page} (open it in a browser)")
     return 0
 
 

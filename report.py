@@ -36,8 +36,8 @@ def title_page(metrics: dict, meta: dict) -> plt.Figure:
         ("", 10, None),
         ("Model", 13, "bold"),
         (f"{meta.get('arch')} with a 2-way head; initialisation: {meta.get('pretrained')}", 10, None),
-        (f"epochs {meta.get('epochs')} (best {meta.get('best_epoch')}), image size {meta.get('image_size')} px, "
-         f"seed {meta.get('seed')}", 10, None),
+        (f"epochs {meta.get('epochs')}, image size {meta.get('image_size')} px, "
+         f"{meta.get('normalization')} normalization, seed {meta.get('seed')}", 10, None),
         (f"decision threshold p(defect) >= {meta.get('threshold'):.4f}; trained {meta.get('date')}", 10, None),
         ("", 10, None),
         ("Data", 13, "bold"),

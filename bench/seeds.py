@@ -66,7 +66,7 @@ def score(checkpoint: Path, data_dir: Path, robustness: bool) -> dict:
 
     device = pick_device("auto")
     model, meta = load_checkpoint(checkpoint, device)
-    result = {"threshold": float(meta["threshold"]), "best_epoch": meta.get("best_epoch")}
+    result = {"threshold": float(meta["threshold"])}
     for split in ("val", "test"):
         samples, _ = select_samples(data_dir, meta, split)
         pixels = dataset.load_pixels(samples, int(meta["image_size"]), progress=False)
@@ -110,10 +110,10 @@ def main(argv=None) -> int:
     columns = [  # (header, value of one seed's result, higher is better, format)
         ("val accuracy", lambda r: r["val"]["accuracy"], True, "{:.4f}"),
         ("val recall", lambda r: r["val"]["recall"], True, "{:.4f}"),
-        ("val false alarms", lambda r: r["val"]["false_alarms"], False, "{:g}"),
+        ("val false alarms", lambda r: r["val"]["false_alarms"], False, "{:.3g}"),
         ("test accuracy", lambda r: r["test"]["accuracy"], True, "{:.4f}"),
         ("test recall", lambda r: r["test"]["recall"], True, "{:.4f}"),
-        ("test false alarms", lambda r: r["test"]["false_alarms"], False, "{:g}"),
+        ("test false alarms", lambda r: r["test"]["false_alarms"], False, "{:.3g}"),
         ("train wall s", lambda r: r["train_wall_s"], False, "{:.0f}"),
     ]
     if args.robustness:

@@ -14,7 +14,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import dataset  # noqa: E402
 from model import build_model, save_checkpoint  # noqa: E402
 
 
@@ -66,7 +65,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model, init = build_model("none")
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, model, {"image_size": 64, "mean": list(dataset.IMAGENET_MEAN),
-                                  "std": list(dataset.IMAGENET_STD), "threshold": 0.5, "pretrained": init,
+    save_checkpoint(path, model, {"image_size": 64, "normalization": "per-image", "threshold": 0.5, "pretrained": init,
                                   "epochs": 0, "seed": 0})
     return path

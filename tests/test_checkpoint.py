@@ -200,6 +200,7 @@ EXTRA_BAD = {
     "image_size_text": lambda f, state: torch.save(ours(state, image_size="big"), f),
     "threshold_out_of_range": lambda f, state: torch.save(ours(state, threshold=3.0), f),
     "other_normalisation": lambda f, state: torch.save(ours(state, mean=[0.5, 0.5, 0.5]), f),
+    "unknown_normalization": lambda f, state: torch.save(ours(state, normalization="zca"), f),
     "classes_not_a_list": lambda f, state: torch.save(ours(state, classes=7), f),
     "nan_weights": lambda f, state: torch.save(
         ours({k: (v * float("nan") if v.is_floating_point() else v) for k, v in state.items()}), f),

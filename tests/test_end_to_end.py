@@ -53,7 +53,7 @@ def test_checkpoint_metadata(run, neu_dir):
     assert meta["image_size"] == 64 and meta["epochs"] == 1 and meta["seed"] == 3
     assert meta["pretrained"].startswith("none")
     assert 0.0 < meta["threshold"] < 1.0
-    assert meta["mean"] == list(dataset.IMAGENET_MEAN) and meta["std"] == list(dataset.IMAGENET_STD)
+    assert meta["normalization"] == "per-image" and "mean" not in meta and "std" not in meta
     assert {k: meta["split"][f"n_{k}"] for k in dataset.SPLITS} == {k: len(v) for k, v in splits.items()}
     assert meta["torch_version"] == str(torch.__version__)
     assert set(meta["val_metrics"]) >= {"accuracy", "recall", "loss", "threshold"}
@@ -92,7 +92,8 @@ def test_infer_then_evaluate(run, neu_dir):
     with open(out / "predictions.csv", newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         rows = list(reader)
-    assert reader.fieldnames == ["image", "prediction", "label", "defect_probability", "gradcam", "status"]
+    assert reader.fieldnames == ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles",
+                                 "max_tile"]
     _, meta = load_checkpoint(work / "model.pth")
     images = sorted(p.name for p in (work / "test_images").iterdir())
     assert [r["image"] for r in rows] == images

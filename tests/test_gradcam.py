@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, synthetic_image
+from conftest import synthetic_image
 from pytorch_grad_cam import GradCAM as RefGradCAM
 from pytorch_grad_cam import GradCAMPlusPlus as RefGradCAMPlusPlus
 from pytorch_grad_cam import LayerCAM as RefLayerCAM
@@ -13,22 +13,57 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import dataset
 from gradcam import METHODS, GradCAM, encode_overlay, render_overlay, resolve_layer, scale_per_image
-from model import load_checkpoint
+from infer import DEFAULT_CAM_LAYER
+from model import EfficientNetB0, build_model, load_checkpoint, save_checkpoint
 
 REFERENCE = {"gradcam": RefGradCAM, "gradcam++": RefGradCAMPlusPlus, "layercam": RefLayerCAM}
-SIZE = 112  # replaced by the checkpoint's image size
+SIZE = 64  # the fixture model's input size
+LAYERS = list(dict.fromkeys(["features.3", "features.5", "features.8", DEFAULT_CAM_LAYER]))  # + what infer.py explains
+
+
+def synthetic_batch(seeds, size: int = SIZE) -> tuple[np.ndarray, torch.Tensor]:
+    """uint8 (N, S, S, 3) images alternating plain, scratch, ... with the given seeds, and their labels."""
+    kinds = ["plain" if i % 2 == 0 else "scratch" for i in range(len(seeds))]
+    pixels = np.stack([np.repeat(synthetic_image(kind, size, seed)[..., None], 3, -1)
+                       for kind, seed in zip(kinds, seeds)])
+    return pixels, torch.tensor([kind == "scratch" for kind in kinds]).long()
 
 
 @pytest.fixture(scope="module")
-def model():
-    """The shipped model: agreement must hold for the network we explain, and a trained network gives
-    structured maps (a random one gives near-constant maps that would agree vacuously)."""
-    path = ROOT / "model_binary.pth"
-    assert path.is_file(), "model_binary.pth is committed; run python train.py to make it"
-    net, meta = load_checkpoint(path)
-    global SIZE
-    SIZE = int(meta["image_size"])
-    return net
+def model(tmp_path_factory, one_torch_thread):
+    """A network trained here for a few seconds to tell scratch from plain synthetic images, then saved and read
+    back as infer.py reads it, so the network explained is the inference EfficientNetB0. Trained, its maps are
+    structured (a random one gives near-constant maps that would agree vacuously); made here, the test does
+    not depend on whatever model_binary.pth is committed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net, init = build_model("none")
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        net.train()
+        for step in range(24):  # the training loss is below 0.01 after about 10 steps
+            pixels, labels = synthetic_batch(range(1000 * step, 1000 * step + 16))
+            loss = torch.nn.functional.cross_entropy(net(dataset.normalize(pixels, "per-image")), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        # BatchNorm statistics of the final weights (the running averages lag behind 24 fast steps)
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None
+                module.reset_running_stats()
+        with torch.no_grad():
+            for start in range(50_000, 50_064, 16):
+                net(dataset.normalize(synthetic_batch(range(start, start + 16))[0], "per-image"))
+    path = tmp_path_factory.mktemp("gradcam") / "trained.pth"
+    save_checkpoint(path, net.eval(), {"image_size": SIZE, "normalization": "per-image", "threshold": 0.5,
+                                       "pretrained": init})
+    loaded, meta = load_checkpoint(path)
+    assert isinstance(loaded, EfficientNetB0) and meta["image_size"] == SIZE
+    pixels, labels = synthetic_batch(range(100, 108))  # the images the tests below explain
+    with torch.no_grad():
+        probabilities = loaded(dataset.normalize(pixels, "per-image")).softmax(1)[:, 1]
+    assert ((probabilities >= 0.5).long() == labels).all(), f"the fixture model did not learn: {probabilities}"
+    return loaded
 
 
 def images_batch(n: int, seed: int = 100, kinds=("plain", "scratch")) -> torch.Tensor:
@@ -43,7 +78,7 @@ def minmax(maps: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("layer", ["features.3", "features.5", "features.8"])
+@pytest.mark.parametrize("layer", LAYERS)
 def test_matches_pytorch_grad_cam(model, method, layer):
     images = images_batch(4)
     ours = GradCAM(model, resolve_layer(model, layer), method)(images, target_class=1).numpy()

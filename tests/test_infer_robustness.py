@@ -29,9 +29,10 @@ import infer
 from conftest import ROOT, run_script, save_image, synthetic_image
 from model import build_model, load_checkpoint, save_checkpoint
 from runtime import interrupts_deferred, run_main
+from tiler import Tiler
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status"]
+COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -230,11 +231,27 @@ def test_messy_folder(tmp_path, decisive_checkpoint):
     probabilities = [float(r["defect_probability"]) for r in rows if r["status"] == "ok"]
     assert max(probabilities) - min(probabilities) > 0.05  # the model does tell these images apart
     net, meta = load_checkpoint(checkpoint)
-    for relpath in ("good_scratch.png", "modes/sixteen.tif", "huge_6000x4000.jpg", "tiny_1x1.png"):
+    for relpath in ("good_scratch.png", "modes/sixteen.tif", "tiny_1x1.png"):
         with torch.no_grad():
             logits = net(dataset.preprocess(images / relpath, meta["image_size"], meta["normalization"])[None])
         assert float(by_name[relpath]["defect_probability"]) == pytest.approx(
             float(logits.softmax(1)[0, 1]), abs=2e-4), relpath
+        assert by_name[relpath]["tiles"] == "1"
+    # the 6000x4000 photo is tiled at native scale (200 px tiles, each shrunk to the model's 64 px): its
+    # p(defect) is its hottest tile's, recomputed here from the photo without infer.py's code
+    huge = by_name["huge_6000x4000.jpg"]
+    positions = Tiler(dataset.NATIVE_SIZE).positions(4000, 6000)
+    assert int(huge["tiles"]) == len(positions) == 40 * 27
+    with Image.open(images / "huge_6000x4000.jpg") as photo:
+        photo.load()
+        tiles = np.stack([np.asarray(photo.crop((x, y, x + 200, y + 200)).resize((64, 64), Image.BILINEAR))
+                          for x, y in positions])
+    with torch.no_grad():
+        tile_p = torch.cat([net(dataset.normalize(tiles[i:i + 120], meta["normalization"])).softmax(1)[:, 1]
+                            for i in range(0, len(tiles), 120)]).numpy()
+    assert float(huge["defect_probability"]) == pytest.approx(float(tile_p.max()), abs=2e-4)
+    x, y, w, h = map(int, huge["max_tile"].split(","))
+    assert (w, h) == (200, 200) and tile_p[positions.index((x, y))] == pytest.approx(tile_p.max(), abs=2e-4)
 
     # memory: the 6000x4000 photo never sits in memory as floats (288 MB as float32, 72 MB even as bytes)
     full_float32 = 6000 * 4000 * 3 * 4

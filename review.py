@@ -1,0 +1,420 @@
+"""The review page: one self-contained HTML file listing every image with its verdict and overlay thumbnail.
+
+    infer.py    -> outputs/index.html   (beside predictions.csv; thumbnails are gradcam/*_gradcam.jpg)
+    evaluate.py -> outputs/review.html  (beside report.pdf; wrong verdicts marked against the true label)
+
+Open it straight from disk (file://): no server, no network, no CDN. CSS and JS are inline, the images stay
+files beside the page (referenced by percent-encoded relative paths, never embedded), and the rows travel as
+one JSON blob that the script turns into table rows a chunk at a time, so 10,000 images open in a blink.
+
+File names come from users, so nothing from the data is ever parsed as markup: the summary is HTML-escaped
+here, the JSON blob has <, >, & and U+2028/2029 escaped (a name holding </script> cannot end the element),
+the script builds the table with textContent only, and a Content-Security-Policy lets no script run but
+the page's own (by hash) and lets the page fetch nothing but images.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import html
+import json
+import math
+from pathlib import Path
+from urllib.parse import quote
+
+from runtime import UserError, atomic_write
+
+CHUNK_ROWS = 200  # table rows built at a time; more as the user scrolls towards the end
+SUMMARY_LABELS = {"image_size": "image size", "initialisation": "initialisation"}
+
+CSS = """
+:root { --fg: #1d232b; --muted: #5b6573; --line: #dde2e8; --bg: #f5f7fa; --card: #fff; --accent: #1f5fae;
+        --defect: #b3261e; --ok: #2e7d32; --error: #8a5a00; --wrong: #d32f2f; }
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+       color: var(--fg); background: var(--bg); }
+header { background: #18324f; color: #fff; padding: 14px 24px; }
+header h1 { margin: 0; font-size: 20px; font-weight: 600; }
+header p { margin: 2px 0 0; color: #c9d6e6; font-size: 13px; }
+#summary { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 16px 32px; padding: 16px 24px;
+           background: var(--card); border-bottom: 1px solid var(--line); }
+.counts { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 10px; }
+.count { min-width: 92px; padding: 8px 12px; border: 1px solid var(--line); border-radius: 8px; background: var(--bg); }
+.count b { display: block; font-size: 22px; line-height: 1.1; }
+.count span { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.count.defect b { color: var(--defect); } .count.non-defect b { color: var(--ok); }
+.count.error b { color: var(--error); } .count.wrong b { color: var(--wrong); }
+dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 0; font-size: 13px; }
+dl.meta dt { color: var(--muted); } dl.meta dd { margin: 0; overflow-wrap: anywhere; }
+#controls { position: sticky; top: 0; z-index: 2; display: flex; flex-wrap: wrap; align-items: center; gap: 8px 16px;
+            padding: 10px 24px; background: rgba(245, 247, 250, .97); border-bottom: 1px solid var(--line); }
+.filters { display: flex; flex-wrap: wrap; gap: 4px; }
+.filters button, #more button, .viewer-bar button { font: inherit; padding: 4px 10px; border-radius: 6px;
+            border: 1px solid var(--line); background: var(--card); color: var(--fg); cursor: pointer; }
+.filters button[aria-pressed="true"] { background: var(--accent); border-color: var(--accent); color: #fff; }
+.filters button .n { opacity: .75; margin-left: 4px; }
+select, input[type=search] { font: inherit; padding: 4px 6px; border: 1px solid var(--line); border-radius: 6px; }
+#shown { color: var(--muted); font-size: 13px; }
+main { padding: 12px 24px 40px; }
+table { width: 100%; border-collapse: collapse; background: var(--card); border: 1px solid var(--line); }
+th, td { padding: 6px 10px; text-align: left; border-bottom: 1px solid var(--line); vertical-align: middle; }
+th { background: #eef1f5; font-weight: 600; font-size: 13px; }
+th button { font: inherit; font-weight: 600; border: 0; background: none; padding: 0; cursor: pointer;
+            color: var(--accent); }
+tbody tr { cursor: pointer; }
+tbody tr:hover, tbody tr:focus { background: #eaf2fc; outline: none; }
+tbody tr.wrong { box-shadow: inset 4px 0 0 var(--wrong); }
+td.thumb { width: 176px; padding: 4px 8px; }
+td.thumb img { display: block; width: 160px; height: 64px; object-fit: contain; background: #222; border-radius: 3px; }
+.none { display: inline-block; width: 160px; color: var(--muted); font-size: 12px; text-align: center; }
+td.name { overflow-wrap: anywhere; font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 13px; }
+td.p { font-variant-numeric: tabular-nums; text-align: right; width: 90px; }
+.pred { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600; }
+.pred.defect { background: #fbe3e1; color: var(--defect); } .pred.non-defect { background: #e2f2e3; color: var(--ok); }
+td.status.error { color: var(--error); overflow-wrap: anywhere; }
+.mark { color: var(--wrong); font-weight: 600; margin-left: 6px; }
+#more { text-align: center; padding: 12px; }
+dialog { max-width: min(96vw, 1200px); border: 0; border-radius: 10px; padding: 0;
+         box-shadow: 0 10px 40px rgba(0, 0, 0, .4); }
+dialog::backdrop { background: rgba(10, 16, 24, .75); }
+dialog figure { margin: 0; padding: 12px; text-align: center; background: #111; }
+dialog img { display: block; width: min(92vw, 1176px); height: 72vh; object-fit: contain; }
+dialog .none { width: auto; padding: 40px; color: #ccc; }
+.viewer-bar { display: flex; align-items: center; gap: 8px; padding: 8px 12px; }
+.viewer-bar .caption { flex: 1; overflow-wrap: anywhere; font-size: 13px; }
+.viewer-bar .caption b { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-weight: 600; }
+"""
+
+JS = r"""
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("review-data").textContent);
+  var rows = data.rows, hasTruth = data.has_truth, chunk = data.chunk;
+  var NAME = 0, PRED = 1, P = 2, SRC = 3, STATUS = 4, TRUTH = 5;
+  var collator = new Intl.Collator(undefined, {numeric: true, sensitivity: "base"});
+  var tests = {
+    "all": function () { return true; },
+    "defect": function (r) { return r[PRED] === "defect"; },
+    "non-defect": function (r) { return r[PRED] === "non-defect"; },
+    "error": function (r) { return r[STATUS] !== "ok"; },
+    "wrong": function (r) { return isWrong(r); }
+  };
+  var state = {filter: "all", sort: "p-desc", query: ""};
+  var view = [], rendered = 0, current = -1, lastFocus = null;
+  var tbody = document.getElementById("rows"), more = document.getElementById("more");
+  var shown = document.getElementById("shown"), sortSelect = document.getElementById("sort");
+  var viewer = document.getElementById("viewer"), viewerImg = document.getElementById("viewer-img");
+  var viewerNone = document.getElementById("viewer-none"), caption = document.getElementById("viewer-caption");
+
+  function isWrong(r) { return hasTruth && r[TRUTH] !== null && r[PRED] !== "" && r[PRED] !== r[TRUTH]; }
+  function byName(a, b) { return collator.compare(rows[a][NAME], rows[b][NAME]) || a - b; }
+  function byP(direction) {
+    return function (a, b) {
+      var pa = rows[a][P], pb = rows[b][P];
+      if (pa === null || pb === null) { return pa === pb ? byName(a, b) : (pa === null ? 1 : -1); }
+      return direction * (pa - pb) || byName(a, b);
+    };
+  }
+  var sorts = {"p-desc": byP(-1), "p-asc": byP(1), "name-asc": byName,
+               "name-desc": function (a, b) { return byName(b, a); }};
+  function formatP(p) { return p === null ? "\u2013" : p.toFixed(4); }
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) { node.className = className; }
+    if (text !== undefined) { node.textContent = text; }
+    return node;
+  }
+  function noOverlay(text) { return el("span", "none", text); }
+
+  function makeRow(index, position) {
+    var r = rows[index], tr = el("tr");
+    tr.tabIndex = 0;
+    tr.dataset.pos = String(position);
+    if (isWrong(r)) { tr.className = "wrong"; }
+    var thumb = el("td", "thumb");
+    if (r[SRC]) {
+      var img = el("img");
+      img.loading = "lazy";
+      img.decoding = "async";
+      img.alt = "overlay of " + r[NAME];
+      img.addEventListener("error", function () { img.replaceWith(noOverlay("overlay missing")); });
+      img.src = r[SRC];
+      thumb.appendChild(img);
+    } else {
+      thumb.appendChild(noOverlay("no overlay"));
+    }
+    tr.appendChild(thumb);
+    var name = el("td", "name", r[NAME]);
+    name.title = r[NAME];
+    tr.appendChild(name);
+    var pred = el("td", "prediction");
+    if (r[PRED]) { pred.appendChild(el("span", "pred " + r[PRED], r[PRED])); }
+    tr.appendChild(pred);
+    tr.appendChild(el("td", "p", formatP(r[P])));
+    if (hasTruth) {
+      var truth = el("td", "truth", r[TRUTH] === null ? "" : r[TRUTH]);
+      if (isWrong(r)) { truth.appendChild(el("span", "mark", "\u2717 wrong")); }
+      tr.appendChild(truth);
+    }
+    tr.appendChild(el("td", r[STATUS] === "ok" ? "status" : "status error", r[STATUS]));
+    return tr;
+  }
+
+  function updateShown() {
+    var text = view.length.toLocaleString() + " of " + rows.length.toLocaleString() + " images";
+    if (rendered < view.length) { text += " (" + rendered.toLocaleString() + " listed; scroll for more)"; }
+    shown.textContent = text;
+  }
+  function renderMore() {
+    var end = Math.min(rendered + chunk, view.length), fragment = document.createDocumentFragment();
+    for (var i = rendered; i < end; i++) { fragment.appendChild(makeRow(view[i], i)); }
+    tbody.appendChild(fragment);
+    rendered = end;
+    more.hidden = rendered >= view.length;
+    updateShown();
+  }
+  function nearEnd() { return !more.hidden && more.getBoundingClientRect().top < window.innerHeight + 1200; }
+  function fill() { if (nearEnd()) { renderMore(); window.requestAnimationFrame(fill); } }
+  function rebuild() {
+    var test = tests[state.filter], query = state.query.toLowerCase();
+    view = [];
+    for (var i = 0; i < rows.length; i++) {
+      if (test(rows[i]) && (!query || rows[i][NAME].toLowerCase().indexOf(query) !== -1)) { view.push(i); }
+    }
+    view.sort(sorts[state.sort]);
+    tbody.replaceChildren();
+    rendered = 0;
+    renderMore();
+    window.requestAnimationFrame(fill);
+  }
+
+  function show(position) {
+    if (position < 0 || position >= view.length) { return; }
+    current = position;
+    var r = rows[view[position]];
+    viewerImg.hidden = !r[SRC];
+    viewerNone.hidden = !!r[SRC];
+    if (r[SRC]) { viewerImg.src = r[SRC]; viewerImg.alt = "overlay of " + r[NAME]; }
+    else { viewerImg.removeAttribute("src"); }
+    caption.replaceChildren(el("b", "", r[NAME]));
+    var facts = [r[PRED] || "no verdict", "p(defect) " + formatP(r[P])];
+    if (hasTruth && r[TRUTH] !== null) { facts.push("truth " + r[TRUTH] + (isWrong(r) ? " (wrong)" : "")); }
+    facts.push(r[STATUS]);
+    caption.appendChild(document.createTextNode("  \u00b7  " + facts.join("  \u00b7  ")));
+    caption.appendChild(document.createTextNode("  (" + (position + 1) + " of " + view.length + ")"));
+    if (!viewer.open) { lastFocus = document.activeElement; viewer.showModal(); }
+  }
+  function closeViewer() {
+    if (viewer.open) { viewer.close(); }
+  }
+
+  document.querySelectorAll(".filters button").forEach(function (button) {
+    button.addEventListener("click", function () {
+      state.filter = button.dataset.filter;
+      document.querySelectorAll(".filters button").forEach(function (b) {
+        b.setAttribute("aria-pressed", String(b === button));
+      });
+      rebuild();
+    });
+  });
+  sortSelect.addEventListener("change", function () { state.sort = sortSelect.value; rebuild(); });
+  document.querySelectorAll("th button[data-sort]").forEach(function (button) {
+    button.addEventListener("click", function () {
+      var options = button.dataset.sort.split(" ");
+      state.sort = options[0] === state.sort ? options[1] : options[0];
+      sortSelect.value = state.sort;
+      rebuild();
+    });
+  });
+  var search = document.getElementById("search"), timer = 0;
+  search.addEventListener("input", function () {
+    window.clearTimeout(timer);
+    timer = window.setTimeout(function () { state.query = search.value; rebuild(); }, 150);
+  });
+  document.getElementById("more-button").addEventListener("click", renderMore);
+  window.addEventListener("scroll", function () { if (nearEnd()) { renderMore(); } }, {passive: true});
+  window.addEventListener("resize", function () { window.requestAnimationFrame(fill); });
+  tbody.addEventListener("click", function (event) {
+    var tr = event.target.closest("tr");
+    if (tr) { show(Number(tr.dataset.pos)); }
+  });
+  tbody.addEventListener("keydown", function (event) {
+    var tr = event.target.closest("tr");
+    if (tr && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); show(Number(tr.dataset.pos)); }
+  });
+  viewer.addEventListener("keydown", function (event) {
+    if (event.key === "Escape") { event.preventDefault(); closeViewer(); }
+    else if (event.key === "ArrowRight") { show(current + 1); }
+    else if (event.key === "ArrowLeft") { show(current - 1); }
+  });
+  viewer.addEventListener("click", function (event) { if (event.target === viewer) { closeViewer(); } });
+  viewer.addEventListener("close", function () { if (lastFocus) { lastFocus.focus(); } });
+  document.getElementById("viewer-prev").addEventListener("click", function () { show(current - 1); });
+  document.getElementById("viewer-next").addEventListener("click", function () { show(current + 1); });
+  document.getElementById("viewer-close").addEventListener("click", closeViewer);
+
+  sortSelect.value = state.sort;
+  rebuild();
+  document.body.dataset.ready = "true";
+})();
+"""
+
+
+def _text(value) -> str:
+    """Any value as text that encodes as UTF-8: a file name that is not valid UTF-8 (surrogate-escaped by
+    Python) becomes \\udce4, as in predictions.csv."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _probability(value) -> float | None:
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(p, 6) if math.isfinite(p) else None
+
+
+def overlay_url(relative_path: str) -> str:
+    """An overlay's path relative to the page -> the URL to put in src: each segment percent-encoded, so a
+    name with # ? % space or non-ASCII still loads (and never becomes a query or fragment)."""
+    return quote(_text(relative_path), safe="/") if relative_path else ""
+
+
+def script_json(value) -> str:
+    """JSON that is safe inside a <script> element: <, >, & and the JS line separators become \\u escapes
+    (inside JSON strings, the only place they can occur), so no file name can close the element."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for char in "<>&\u2028\u2029":
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    return text
+
+
+def _csp_hash(source: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def page_rows(rows) -> list[list]:
+    """Row dicts (image, prediction, defect_probability, gradcam, status, optional truth) -> compact lists."""
+    compact = []
+    for row in rows:
+        truth = row.get("truth")
+        compact.append([_text(row.get("image", "")), _text(row.get("prediction") or ""),
+                        _probability(row.get("defect_probability")), overlay_url(row.get("gradcam") or ""),
+                        _text(row.get("status") or "ok"), None if truth in (None, "") else _text(truth)])
+    return compact
+
+
+def counts(compact: list[list], has_truth: bool) -> dict[str, int]:
+    """Images, and per filter: defect, non-defect, error (an overlay that failed still has its verdict, so
+    it counts under its verdict too), wrong (a verdict that is not the true label)."""
+    result = {"all": len(compact),
+              "defect": sum(r[1] == "defect" for r in compact),
+              "non-defect": sum(r[1] == "non-defect" for r in compact),
+              "error": sum(r[4] != "ok" for r in compact)}
+    if has_truth:
+        result["wrong"] = sum(r[5] is not None and r[1] != "" and r[1] != r[5] for r in compact)
+    return result
+
+
+def model_summary(model_path, meta: dict, threshold: float, **more) -> dict:
+    """The summary lines every page shows about the model; `more` adds lines (underscores read as spaces)."""
+    return {"model": str(model_path), "image_size": f"{meta.get('image_size')} px",
+            "initialisation": meta.get("pretrained") or "unknown",
+            "model_trained": meta.get("date") or "unknown",
+            "threshold": f"defect if p(defect) >= {float(threshold):.4f}", **more}
+
+
+COUNT_LABELS = {"all": "images", "defect": "defect", "non-defect": "non-defect", "error": "errors", "wrong": "wrong"}
+FILTER_LABELS = {"all": "All", "defect": "Defect", "non-defect": "Non-defect", "error": "Error", "wrong": "Wrong"}
+
+
+def render_page(rows, summary: dict, title: str = "Scratch detector: review") -> str:
+    """The whole page as one string (see write_review_page)."""
+    compact = page_rows(rows)
+    has_truth = any(r[5] is not None for r in compact)
+    numbers = counts(compact, has_truth)
+    summary = dict(summary)
+    summary.setdefault("page_written", datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+    esc = lambda value: html.escape(_text(value), quote=True)  # noqa: E731
+
+    count_boxes = "".join(f'<div class="count {key}"><b>{number}</b><span>{COUNT_LABELS[key]}</span></div>'
+                          for key, number in numbers.items())
+    meta_lines = "".join(f"<dt>{esc(SUMMARY_LABELS.get(key, key.replace('_', ' ')))}</dt><dd>{esc(value)}</dd>"
+                         for key, value in summary.items())
+    filter_buttons = "".join(
+        f'<button type="button" data-filter="{key}" aria-pressed="{str(key == "all").lower()}">'
+        f'{FILTER_LABELS[key]}<span class="n">{number}</span></button>' for key, number in numbers.items())
+    truth_header = "<th>Truth</th>" if has_truth else ""
+    blob = script_json({"rows": compact, "has_truth": has_truth, "chunk": CHUNK_ROWS})
+    csp = ("default-src 'none'; img-src 'self' file: data: blob:; "
+           f"style-src {_csp_hash(CSS)}; script-src {_csp_hash(JS)}; base-uri 'none'; form-action 'none'")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<header><h1>{esc(title)}</h1><p>Click a row for the full overlay (arrow keys: previous / next, Escape: close).
+Overlay: the image | the heatmap of where the model sees a scratch.</p></header>
+<section id="summary" aria-label="Summary">
+<div class="counts">{count_boxes}</div>
+<dl class="meta">{meta_lines}</dl>
+</section>
+<nav id="controls" aria-label="Filter and sort">
+<div class="filters" role="group" aria-label="Show">{filter_buttons}</div>
+<label>Sort <select id="sort">
+<option value="p-desc">p(defect), high to low</option>
+<option value="p-asc">p(defect), low to high</option>
+<option value="name-asc">name, A to Z</option>
+<option value="name-desc">name, Z to A</option>
+</select></label>
+<input id="search" type="search" placeholder="Find in names" aria-label="Find in names">
+<span id="shown" aria-live="polite"></span>
+</nav>
+<main>
+<table id="results">
+<thead><tr><th>Overlay</th><th><button type="button" data-sort="name-asc name-desc">Image</button></th>
+<th>Prediction</th><th><button type="button" data-sort="p-desc p-asc">p(defect)</button></th>{truth_header}
+<th>Status</th></tr></thead>
+<tbody id="rows"></tbody>
+</table>
+<div id="more" hidden><button type="button" id="more-button">Show more</button></div>
+<noscript><p>This page needs JavaScript to list the images; the same results are in the CSV beside it.</p></noscript>
+</main>
+<dialog id="viewer" aria-label="Overlay">
+<figure><img id="viewer-img" alt=""><span id="viewer-none" class="none" hidden>no overlay for this image</span></figure>
+<div class="viewer-bar"><span id="viewer-caption" class="caption"></span>
+<button type="button" id="viewer-prev" aria-label="Previous">&larr;</button>
+<button type="button" id="viewer-next" aria-label="Next">&rarr;</button>
+<button type="button" id="viewer-close" aria-label="Close">Close</button></div>
+</dialog>
+<script type="application/json" id="review-data">{blob}</script>
+<script>{JS}</script>
+</body>
+</html>
+"""
+
+
+def write_review_page(path: str | Path, rows, summary: dict, title: str = "Scratch detector: review") -> Path:
+    """Write the review page to `path` atomically and return the path.
+
+    rows: dicts with image, prediction ('defect' / 'non-defect' / '' for unreadable files),
+    defect_probability (number, numeric string or ''), gradcam (the overlay's path relative to the page's
+    folder, '' for none), status ('ok' or 'error: ...') and optionally truth (the true label: rows whose
+    prediction differs are marked wrong and get their own filter). summary: label -> value lines for the
+    top of the page (model_summary() gives the model's); the counts and the date are added here.
+    """
+    path = Path(path)
+    page = render_page(rows, summary, title)
+    try:
+        with atomic_write(path, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(page)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    return path

@@ -1,0 +1,200 @@
+"""train.py's pieces: the augmentation, the learning-rate schedule, and keeping the best validation epoch."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script, synthetic_image
+
+import dataset
+import perturb
+import train
+from evaluate import binary_metrics, select_samples
+from model import load_checkpoint, predict_probabilities
+
+FLIPS = {0, 2, 5, 7}  # perturb.dihedral's identity, half turn (both flips), and the up-down and left-right flips
+
+
+def random_batch(n: int, size: int = 12, seed: int = 0) -> torch.Tensor:
+    """n distinct random uint8 images whose 8 symmetries are all different (checked): no symmetry of one
+    image equals a symmetry of another, so an output can be traced back to exactly one input and one k."""
+    images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    variants = {perturb.dihedral(image, k).tobytes() for image in images for k in range(8)}
+    assert len(variants) == 8 * n, "test images must be non-symmetric and distinct"
+    return torch.from_numpy(images)
+
+
+def symmetries_used(inputs: torch.Tensor, outputs: torch.Tensor) -> list[int]:
+    """For each i, the k with outputs[i] == dihedral(inputs[i], k); fails if there is none."""
+    found = []
+    for i, (x, y) in enumerate(zip(inputs.numpy(), outputs.numpy())):
+        ks = [k for k in range(8) if np.array_equal(y, perturb.dihedral(x, k))]
+        assert len(ks) == 1, f"output {i} is not a symmetry of input {i}"
+        found.append(ks[0])
+    return found
+
+
+def test_dihedral_gives_exact_symmetries_of_each_image_in_order():
+    batch = random_batch(64)
+    before = batch.clone()
+    generator = torch.Generator().manual_seed(1)
+    used = []
+    for _ in range(3):
+        out = train.augment(batch, generator, ("dihedral",))
+        assert out.dtype == torch.uint8 and out.shape == batch.shape
+        used += symmetries_used(batch, out)  # image i -> a symmetry of image i: labels stay aligned
+    assert torch.equal(batch, before), "augment must not change its input"
+    assert set(used) == set(range(8))  # 192 draws: every symmetry occurs
+    counts = np.bincount(used, minlength=8)
+    assert counts.min() >= 8, counts  # roughly uniform (expected 24 each)
+    assert len(set(used[:64])) > 1  # different images get different symmetries in one batch
+
+
+def test_flips_use_only_the_four_flip_symmetries():
+    batch = random_batch(64, seed=1)
+    generator = torch.Generator().manual_seed(2)
+    used = []
+    for _ in range(2):
+        used += symmetries_used(batch, train.augment(batch, generator, ("flips",)))
+    assert set(used) == FLIPS
+
+
+@pytest.mark.parametrize("kinds", [("dihedral",), train.AUGMENTATIONS[1:]])
+def test_same_seed_same_batch(kinds):
+    batch = random_batch(16, size=32, seed=2)
+    first = train.augment(batch, torch.Generator().manual_seed(7), kinds)
+    again = train.augment(batch, torch.Generator().manual_seed(7), kinds)
+    other = train.augment(batch, torch.Generator().manual_seed(8), kinds)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def line_strength(image: np.ndarray) -> float:
+    """How strongly one row or column stands out from the rest, in units of the image's own spread: large
+    for a scratch in either orientation, whatever the brightness, contrast, blur or noise; ~1 for texture."""
+    grey = image.astype(np.float64).mean(-1)
+    profile = np.concatenate([grey.mean(0), grey.mean(1)])
+    return float((profile.max() - np.median(profile)) / (grey.std() + 1.0))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_default_augmentation_changes_images_but_keeps_each_ones_identity(seed):
+    """Among plain textures, one image has a bright scratch through the centre (a zoom window always contains
+    the centre). After dihedral + camera + zoom, the image that still shows a scratch is the same one."""
+    size, n = 64, 8
+    scratched = seed * 3 % n
+    images = []
+    for i in range(n):
+        grey = synthetic_image("plain", size, seed=10 * seed + i)
+        if i == scratched:
+            grey[:, size // 2 - 1:size // 2 + 1] = 235
+        images.append(np.repeat(grey[..., None], 3, axis=2))
+    batch = torch.from_numpy(np.stack(images))
+    before = batch.clone()
+    strengths_in = [line_strength(image) for image in images]
+    assert strengths_in[scratched] > 3 * max(s for i, s in enumerate(strengths_in) if i != scratched)
+
+    out = train.augment(batch, torch.Generator().manual_seed(seed))
+    assert out.dtype == torch.uint8 and out.shape == batch.shape
+    assert torch.equal(batch, before)
+    changed = [not torch.equal(a, b) for a, b in zip(out, batch)]
+    assert sum(changed) >= n // 2
+    strengths = [line_strength(image) for image in out.numpy()]
+    assert max(strengths) == strengths[scratched], strengths
+    others = [s for i, s in enumerate(strengths) if i != scratched]
+    assert strengths[scratched] > 3 * max(others), strengths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The learning-rate schedule
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("total, warmup, start", [(100, 0.1, 0.04), (1000, 0.25, 0.1), (37, 0.1, 0.0)])
+def test_one_cycle_warms_up_then_decays_to_zero(total, warmup, start):
+    factor = train.one_cycle(total, warmup=warmup, start=start)
+    values = [factor(step) for step in range(total + 1)]
+    peak = round(warmup * total)
+    assert values[0] == pytest.approx(start)
+    assert values[peak] == pytest.approx(1.0)
+    assert max(values) == pytest.approx(1.0)
+    rising, falling = np.diff(values[:peak + 1]), np.diff(values[peak:])
+    assert (rising > 0).all()  # linear warm-up
+    assert np.allclose(rising, (1 - start) / peak)
+    assert (falling < 0).all()  # strictly down after the peak
+    assert values[total - 1] < 0.01  # the last step trains at almost no learning rate
+    assert values[total] == pytest.approx(0.0, abs=1e-12)
+    halfway = peak + (total - peak) // 2
+    if (total - peak) % 2 == 0:
+        assert values[halfway] == pytest.approx(0.5)  # cosine: half the peak halfway down
+
+
+@pytest.mark.parametrize("total", [1, 2, 3])
+def test_one_cycle_on_very_short_runs(total):
+    factor = train.one_cycle(total)
+    values = [factor(step) for step in range(total)]
+    assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values)
+    assert values[0] == pytest.approx(0.04)
+    if total > 1:
+        assert max(values) == pytest.approx(1.0)  # the peak is reached even in 2 steps
+
+    # as train.main uses it: LambdaLR over an optimizer, one scheduler step per batch
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([weight], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1e-3 * v for v in values])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.main keeps the last epoch, and stores the validation metrics of exactly those weights
+# ---------------------------------------------------------------------------------------------------------
+EPOCHS = 3
+# --lr 0.01 --seed 7: validation loss falls, then rises (about 0.59, 0.52, 0.64), so the last epoch is not
+# the one with the lowest validation loss, and keeping the best (or first) epoch's weights would be caught.
+TRAIN_ARGS = ["--max-per-class", 8, "--epochs", EPOCHS, "--image-size", 48, "--batch-size", 16,
+              "--pretrained", "none", "--test-images", "", "--lr", 0.01, "--seed", 7]
+
+
+@pytest.fixture(scope="module")
+def trained(neu_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("kept_epoch")
+    result = run_script("train.py", "--data-dir", neu_dir, "--output", work / "model.pth",
+                        "--reports", work / "outputs", *TRAIN_ARGS, cwd=work,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with open(work / "outputs" / "training_log.csv", newline="") as handle:
+        log = list(csv.DictReader(handle))
+    return work / "model.pth", log
+
+
+def test_last_epoch_is_the_one_kept(trained, neu_dir, one_torch_thread):
+    path, log = trained
+    assert [int(row["epoch"]) for row in log] == list(range(1, EPOCHS + 1))
+    val_losses = [float(row["val_loss"]) for row in log]
+    assert int(np.argmin(val_losses)) + 1 != EPOCHS, (
+        f"validation losses {val_losses}: the last epoch must not be the lowest for the test to tell the last "
+        f"from the best; pick another --seed/--lr")
+
+    model, meta = load_checkpoint(path)
+    assert meta["epochs"] == EPOCHS and "best_epoch" not in meta
+    assert meta["val_metrics"]["loss"] == pytest.approx(val_losses[-1], abs=1e-6)
+
+    # the saved weights are the last epoch's: recompute the validation loss from the re-derived val split
+    samples, info = select_samples(neu_dir, meta, "val")
+    assert len(samples) == meta["split"]["n_val"] == info["n_val"]
+    pixels = torch.from_numpy(dataset.load_pixels(samples, int(meta["image_size"]), progress=False))
+    probabilities = predict_probabilities(model, pixels, meta["normalization"], 32, "cpu").numpy()
+    loss = binary_metrics(probabilities, dataset.labels_of(samples), meta["threshold"])["loss"]
+    assert loss == pytest.approx(val_losses[-1], abs=1e-4)
+    assert min(abs(loss - v) for v in val_losses[:-1]) > 1e-3
+    # the stored validation metrics are those of these probabilities at the stored threshold
+    again = binary_metrics(probabilities, dataset.labels_of(samples), meta["threshold"])
+    assert again["confusion_matrix"] == meta["val_metrics"]["confusion_matrix"]
+    assert meta["val_metrics"]["threshold"] == meta["threshold"]
