@@ -11,19 +11,35 @@ its overlay, and the tiles' heatmaps are blended into one. pipeline.py holds tha
 Decoding runs in a reader thread and overlay drawing and writing in a writer thread, while the model works on
 two batches at once (ModelStreams); every queue is bounded (units, and bytes of pending overlays), so memory
 does not grow with the number of images or tiles.
+
+Resumable: each finished image is recorded in OUT/.journal/ (journal.py) once its overlay is in place, fsync'd
+in batches. Rerunning the same command after a crash, Ctrl-C, kill -9 or a power cut does only the images
+without a valid record; predictions.csv, detections.csv and index.html are assembled from the journal at the
+end, atomically, as one uninterrupted run writes them. A different model (its SHA-256), threshold, CAM,
+overlay or tiling setting, or input folder starts over, with a message; --restart always does. Nothing held
+in memory grows with the number of images: the sorted input listing is on disk (listing.py), results go to
+the journal, and the CSVs and the review page are streamed from it.
+
+    python infer.py --engine ray [--ray-address auto|ray://HEAD:10001]
+
+runs the same per-image code (pipeline.py) on a Ray Data actor pool (ray_engine.py; pip install -r
+requirements-ray.txt), on this machine or a cluster, with the same journal and the same outputs.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import csv
+import hashlib
+import importlib.util
 import os
 import queue
+import re
 import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,22 +48,22 @@ import torch
 from tqdm import tqdm
 
 import dataset
-from gradcam import METHODS, OVERLAY_FORMATS, encode_overlay, resolve_layer
+from gradcam import METHODS, OVERLAY_FORMATS, resolve_layer
+from journal import JOURNAL_DIR, RunJournal, file_sha256
+from listing import Listing, SortedRecords, list_inputs, walk_images
 from model import fold_batchnorm, load_checkpoint, pick_device
 # Decoded, decode and DISPLAY_MAX_SIDE are also infer.py's: bench/ and evaluate.py import them from here
-from pipeline import (DISPLAY_MAX_SIDE, FRAME_OVERLAY_SIDE, Aggregator, BatchPredictor, Decoded, Plan,  # noqa: F401
-                      Result, decode, decode_units)
-from review import model_summary, write_review_page
-from runtime import UserError, atomic_write, ensure_writable_dir, interrupts_deferred, run_main, write_csv
+from pipeline import (CSV_COLUMNS, DETECTION_COLUMNS, DISPLAY_MAX_SIDE, FRAME_OVERLAY_SIDE,  # noqa: F401
+                      HEATMAP_DIR, OVERLAY_DIR, Aggregator, BatchPredictor, Decoded, Plan, decode,
+                      decode_units, error_item, finish_item, heatmap_name)
+from review import PageWriter, model_summary
+from runtime import UserError, ensure_writable_dir, interrupts_deferred, run_main
 
-# The default explanation, chosen on the validation split by evaluate.py's localization table (README).
+# The default explanation: on the validation split, the CAM that comes closest to pointing game >= 0.95 and
+# energy in box >= 0.65 (`python bench/cam_choice.py`; none meets both: bench/README.md).
 DEFAULT_CAM = "layercam"
-DEFAULT_CAM_LAYER = "features.1"
-CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile"]
-DETECTION_COLUMNS = ["image", "x", "y", "width", "height", "defect_probability"]
+DEFAULT_CAM_LAYER = "features.0"
 OVERLAY_BYTES_PENDING = 64 * 2**20  # overlays drawn by the writer later: at most this much of images + heatmaps
-OVERLAY_DIR = "gradcam"
-HEATMAP_DIR = "heatmaps"
 OVERLAY_SUFFIXES = tuple(f"_gradcam.{file_format}" for file_format in OVERLAY_FORMATS)
 
 
@@ -81,7 +97,24 @@ def parse_args(argv=None):
                    help="a tiled image's overlay fits in this many pixels each way (default: %(default)s)")
     p.add_argument("--save-heatmaps", action="store_true",
                    help=f"also write each image's heatmap as float16 .npy ({HEATMAP_DIR}/, at the overlay's scale)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the unfinished run recorded in --output and start over (default: a rerun of the "
+                        "same command finishes it, doing only the images not yet done)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: threads in this process; ray: a Ray Data actor pool, on this machine or a cluster "
+                        "(pip install -r requirements-ray.txt) (default: %(default)s)")
+    p.add_argument("--ray-address",
+                   help="--engine ray: the cluster to join, auto (the one this node belongs to) or ray://HEAD:10001 "
+                        "(default: start Ray on this machine for this run)")
+    p.add_argument("--ray-actors", type=int, default=0,
+                   help="--engine ray: model actors (default: one per CPU of the cluster; see ray_engine.py)")
+    p.add_argument("--ray-cpus", type=int, default=0,
+                   help="--engine ray without --ray-address: CPUs of the Ray instance started here (default: all)")
     args = p.parse_args(argv)
+    if args.engine != "ray" and (args.ray_address or args.ray_actors or args.ray_cpus):
+        p.error("--ray-address, --ray-actors and --ray-cpus need --engine ray")
+    if args.ray_actors < 0 or args.ray_cpus < 0 or (args.ray_address and args.ray_cpus):
+        p.error("--ray-actors and --ray-cpus must be >= 0; --ray-cpus is for a Ray started here, not --ray-address")
     if args.batch_size < 1 or args.streams < 0:
         p.error("--batch-size must be >= 1 and --streams >= 0")
     if args.tile_size < 1 or not 1 <= (args.tile_stride or 1) <= args.tile_size:
@@ -96,14 +129,15 @@ def parse_args(argv=None):
 def find_images(folder: Path, skip: Path | None = None) -> list[Path]:
     """Image files under `folder` (any depth, extension in any case), sorted by relative path. `skip` (our
     own overlay folder, when --output lies inside --input) is left out, or each run would explain the last's."""
-    skip = skip.resolve() if skip is not None else None
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() != skip]
-        found.extend(Path(root) / name for name in files
-                     if dataset.is_image_file(name) and not name.startswith(".")  # macOS ._name.jpg forks
-                     and os.path.isfile(os.path.join(root, name)))  # a FIFO named x.jpg would block the reader
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    return [folder / relpath for relpath in sorted(walk_images(folder, dataset.is_image_file, skip))]
+
+
+def list_images(folder: Path, output: Path, file_format: str = "jpg") -> Listing:
+    """find_images' files with their overlay_names, sorted the same way, on disk (listing.py; temp files
+    in `output`, which must have room for the overlays anyway): what main() runs on, in memory that does not
+    grow with the number of images."""
+    return list_inputs(folder, output / OVERLAY_DIR, output, dataset.is_image_file,
+                       lambda relpaths: overlay_names(relpaths, file_format), printable)
 
 
 def printable(text: str) -> str:
@@ -130,12 +164,15 @@ def overlay_names(relpaths: list[str], file_format: str = "jpg") -> dict[str, st
     return names
 
 
-def read_ahead(paths, root: Path, plan: Plan, out: queue.Queue, stop: threading.Event):
+def read_ahead(todo: Iterable[tuple[str, str]], root: Path, plan: Plan, out: queue.Queue, stop: threading.Event,
+               names: dict):
     """Reader thread: each file's units (a whole image, or its tiles) in order into a bounded queue; None
     marks the end. The queue holds units, not frames: a large frame is decoded once and cut as the model
-    takes its tiles, so at most one frame's pixels are held here."""
-    for path in paths:
-        for unit in decode_units(path, path.relative_to(root).as_posix(), plan):
+    takes its tiles, so at most one frame's pixels are held here. names[relpath] = its overlay name, for the
+    images in flight only (the writer pops them)."""
+    for relpath, overlay_name in todo:
+        names[relpath] = overlay_name
+        for unit in decode_units(root / relpath, relpath, plan):
             if stop.is_set():
                 break
             out.put(unit)
@@ -163,22 +200,27 @@ class Budget:
             self.changed.notify_all()
 
 
-def write_overlays(jobs: queue.Queue, output: Path, file_format: str, failures: dict, budget: Budget):
-    """Writer thread: render, encode and write each overlay (temp file + rename), and its heatmap when asked
-    (a name); None ends it."""
+def write_results(jobs: queue.Queue, output: Path, settings: dict, journal: RunJournal, budget: Budget,
+                  done, failed: list):
+    """Writer thread: for each finished image, render, encode and write its overlay (temp file + rename) and
+    heatmap, then record it in the journal (pipeline.finish_item: the order the journal requires); an
+    unreadable file's Item is recorded as it is. None ends it. If the journal cannot be written, the error is
+    kept in `failed` for the main thread to raise, and the rest is drained unrecorded."""
     while (job := jobs.get()) is not None:
-        relpath, overlay_name, heatmap_name, overlay, prediction, probability = job
+        item, result, overlay_name = job
         try:
-            data = encode_overlay(overlay.render(prediction, probability), file_format)
-            with atomic_write(output / overlay_name, "wb", fsync=False) as handle:
-                handle.write(data)
-            if heatmap_name:
-                with atomic_write(output / heatmap_name, "wb", fsync=False) as handle:
-                    np.save(handle, overlay.heatmap.astype(np.float16))
-        except Exception as error:  # a full disk or odd path fails this overlay, not the run
-            failures[relpath] = f"overlay not written: {type(error).__name__}: {error}"
+            if failed:
+                continue
+            if item is None:
+                item = finish_item(result, output, overlay_name, settings["threshold"], settings["overlay_format"],
+                                   settings["save_heatmaps"])
+            journal.record(item.relpath, files=item.files, predictions=item.predictions, detections=item.detections)
+            done(item)
+        except BaseException as error:  # noqa: BLE001 -- handed to the main thread
+            failed.append(error)
         finally:
-            budget.give(overlay.nbytes)
+            if result is not None and result.overlay is not None:
+                budget.give(result.overlay.nbytes)
 
 
 def batches_of(decoded: queue.Queue, size: int, on_error) -> Iterator[list]:
@@ -249,20 +291,61 @@ class ModelStreams:
         torch.set_num_threads(self.threads_before)
 
 
-def previous_overlays(csv_path: Path) -> set[str]:
-    """Overlay paths listed by an earlier run's predictions.csv (the only files we may clean up)."""
+def previous_overlays(csv_path: Path) -> Iterator[str]:
+    """Overlay paths listed by an earlier run's predictions.csv (the only files we may clean up), streamed."""
     try:
         with open(csv_path, newline="", encoding="utf-8") as handle:
-            return {row["gradcam"] for row in csv.DictReader(handle) if row.get("gradcam")}
+            for row in csv.DictReader(handle):
+                if row.get("gradcam"):
+                    yield row["gradcam"]
     except (OSError, KeyError, csv.Error, UnicodeDecodeError):
-        return set()
+        return
 
 
-def remove_stale_overlays(output: Path, old: set[str], new: set[str]) -> int:
-    """Delete overlays the previous CSV lists and this run did not rewrite. Only names we could have made
-    (gradcam/..._gradcam.jpg or .png, no '..', not a link): a hand-edited CSV must not delete the user's files."""
+TEMP_NAME = re.compile(r"^\..+\.\d+\.tmp$")  # runtime.atomic_write's: .<name>.<pid>.tmp
+
+
+def remove_orphan_temp_files(output: Path) -> int:
+    """The temp files of overlays and heatmaps that a killed run (kill -9, power cut) was writing: never
+    trusted (the journal records only renamed files), removed when the run is resumed. The journal's lock
+    means no other run writes here now. os.scandir, not os.walk: no list of a huge folder's names."""
+    def walk(folder: Path) -> Iterator[Path]:
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        yield from walk(Path(entry.path))
+                    elif TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                        yield Path(entry.path)
+        except OSError:
+            return
     removed = 0
-    for name in old - new:
+    for folder in (OVERLAY_DIR, HEATMAP_DIR):
+        for path in walk(output / folder):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def sorted_difference(old: Iterable[str], new: Iterable[str]) -> Iterator[str]:
+    """The names in `old` and not in `new`, both sorted (duplicates allowed), without holding either."""
+    new = iter(new)
+    current = next(new, None)
+    for name in old:
+        while current is not None and current < name:
+            current = next(new, None)
+        if current != name:
+            yield name
+
+
+def remove_stale_overlays(output: Path, old: Iterable[str], new: Iterable[str]) -> int:
+    """Delete overlays the previous CSV lists and this run did not rewrite. Only names we could have made
+    (gradcam/..._gradcam.jpg or .png, no '..', not a link): a hand-edited CSV must not delete the user's files.
+    old, new: sets, or sorted iterables (main() streams them from disk)."""
+    removed = 0
+    old = sorted(old) if isinstance(old, (set, frozenset)) else old
+    new = sorted(new) if isinstance(new, (set, frozenset)) else new
+    for name in sorted_difference(old, new):
         parts = Path(name).parts
         target = output / name
         if (len(parts) > 1 and parts[0] == OVERLAY_DIR and ".." not in parts and name.endswith(OVERLAY_SUFFIXES)
@@ -272,83 +355,68 @@ def remove_stale_overlays(output: Path, old: set[str], new: set[str]) -> int:
     return removed
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = time.time()
-    # the quick checks first: a wrong folder should not cost a model load
-    root = Path(args.input)
-    fill = "`python train.py` fills test_images/ with its held-out NEU test images; or pass --input FOLDER"
-    if not root.is_dir():
-        raise UserError(f"input folder not found: {root}. {fill}")
-    paths = find_images(root, skip=Path(args.output) / OVERLAY_DIR)
-    if not paths:
-        raise UserError(f"no images (.jpg .jpeg .png .bmp .tif .tiff) in {root}. {fill}")
-    output = ensure_writable_dir(args.output, "the output folder")
-    device = pick_device(args.device)
-    model, meta = load_checkpoint(args.model, device)
-    fold_batchnorm(model)
-    threshold = meta["threshold"] if args.threshold is None else args.threshold
-    image_size = int(meta["image_size"])
-    cam_method = None if args.no_cam else args.cam
-    if cam_method is not None:
-        try:
-            resolve_layer(model, args.cam_layer)
-        except ValueError as error:
-            raise UserError(str(error)) from None
+def run_key(args, root: Path, model_digest: str, meta: dict, threshold: float, cam_method: str | None,
+            plan: Plan) -> dict:
+    """What makes a recorded result valid (journal.py): a change to any of these starts the run over."""
+    return {"model": model_digest, "threshold": float(threshold), "image_size": int(meta["image_size"]),
+            "normalization": meta["normalization"], "cam": cam_method,
+            "cam_layer": args.cam_layer if cam_method else None, "overlay_format": args.overlay_format,
+            "overlay_max_side": args.overlay_max_side, "save_heatmaps": bool(args.save_heatmaps and cam_method),
+            "tiling": None if plan.tile is None else {"tile": plan.tile, "stride": plan.stride},
+            "input": str(root.resolve()), "columns": [CSV_COLUMNS, DETECTION_COLUMNS]}
 
-    relpaths = [p.relative_to(root).as_posix() for p in paths]
-    names = overlay_names(relpaths, args.overlay_format)
-    csv_path = output / "predictions.csv"
-    old_overlays = previous_overlays(csv_path)
-    plan = Plan(image_size, None if args.tile == "off" else args.tile_size, args.tile_stride,
-                with_display=cam_method is not None, overlay_side=args.overlay_max_side)
+
+def pending_work(listing: Listing, journal: RunJournal, with_files: bool, save_heatmaps: bool) -> Listing:
+    """The (relpath, overlay name) records without a valid result in the journal, on disk."""
+    expected = None
+    if with_files:
+        name_of = listing.cursor()
+
+        def expected(relpath: str) -> list[str]:
+            name = name_of(relpath)
+            return [name, heatmap_name(name)] if save_heatmaps else [name]
+    return listing.subset(journal.pending(listing.keys(), expected))
+
+
+def run_local(args, todo: Listing, root: Path, output: Path, model, meta: dict, plan: Plan, threshold: float,
+              cam_method: str | None, journal: RunJournal, device: torch.device, header: str) -> int:
+    """The local engine: `todo` through reader thread -> model streams -> writer thread, each image recorded
+    in the journal once written. Returns the model inputs (tiles + whole images) it ran."""
     streams = ModelStreams(model, meta["normalization"], cam_method, args.cam_layer, args.streams, device)
-    stride = args.tile_stride or plan.tile - plan.tile // 4 if plan.tile else 0
-    tiling = "tiling off" if plan.tile is None else f"images over {plan.tile} px tiled, stride {stride}"
-    print(f"{len(paths)} images in {root}; model {args.model} (image size {image_size}, threshold {threshold:.4f}); "
-          f"{'no CAM' if cam_method is None else f'{args.cam} on {args.cam_layer}'}; {tiling}; device {device}, "
-          f"{streams.describe()}")
-
+    print(f"{header}; device {device}, {streams.describe()}", flush=True)
+    settings = {"threshold": threshold, "overlay_format": args.overlay_format,
+                "save_heatmaps": args.save_heatmaps and cam_method is not None}
     stop = threading.Event()
     decoded: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
     jobs: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
     pending = Budget(OVERLAY_BYTES_PENDING)
-    overlay_failures: dict[str, str] = {}
-    reader = threading.Thread(target=read_ahead, daemon=True, args=(paths, root, plan, decoded, stop))
-    writer = threading.Thread(target=write_overlays, daemon=True,
-                              args=(jobs, output, args.overlay_format, overlay_failures, pending))
+    names: dict[str, str] = {}  # images in flight only: filled by the reader, emptied as their results come
+    failed: list[BaseException] = []
+    bar = tqdm(total=len(todo), unit="img", desc="infer", file=sys.stdout)
+    reader = threading.Thread(target=read_ahead, daemon=True, args=(todo, root, plan, decoded, stop, names))
+    writer = threading.Thread(target=write_results, daemon=True,
+                              args=(jobs, output, settings, journal, pending, lambda item: bar.update(1), failed))
     reader.start()
     writer.start()
-    results: dict[str, tuple] = {}
-    detections: dict[str, list] = {}
     aggregator = Aggregator(threshold)
     units = Counter()  # model inputs: tiles, and whole images
-    bar = tqdm(total=len(paths), unit="img", desc="infer", file=sys.stdout)
+
+    def check():
+        if failed:
+            raise failed[0]
 
     def skip_unreadable(item: Decoded):
-        results[item.relpath] = ("", "", "", "", f"error: {item.error}", "", "")
-        bar.update(1)
-
-    def finish(result: Result):
-        label = int(result.probability >= threshold)
-        prediction = dataset.BINARY_CLASSES[label]
-        overlay = ""
-        if result.overlay is not None:
-            overlay = names[result.relpath]
-            heatmap = HEATMAP_DIR + overlay[len(OVERLAY_DIR):].rsplit("_gradcam.", 1)[0] + "_heatmap.npy"
-            pending.take(result.overlay.nbytes)
-            jobs.put((result.relpath, overlay, heatmap if args.save_heatmaps else "", result.overlay, prediction,
-                      result.probability))
-        box = "" if result.max_tile is None else ",".join(map(str, result.max_tile))
-        results[result.relpath] = (prediction, label, f"{result.probability:.4f}", overlay, "ok", result.tiles, box)
-        detections[result.relpath] = result.detections
-        bar.update(1)
+        names.pop(item.relpath, None)
+        jobs.put((error_item(item), None, ""))
 
     def record(batch: list, probabilities: np.ndarray, heatmaps: np.ndarray | None):
+        check()
         for i, unit in enumerate(batch):
             result = aggregator.add(unit, float(probabilities[i]), None if heatmaps is None else heatmaps[i])
             if result is not None:
-                finish(result)
+                if result.overlay is not None:
+                    pending.take(result.overlay.nbytes)
+                jobs.put((None, result, names.pop(result.relpath)))
         units["units"] += len(batch)
 
     try:
@@ -365,33 +433,109 @@ def main(argv=None) -> int:
             jobs.put(None)
             writer.join()  # the writer finishes its current file, so no temp file is left behind
             bar.close()
+    check()
+    return units["units"]
 
-    rows, detection_rows = [], []
-    for relpath in relpaths:
-        prediction, label, probability, overlay, status, tiles, box = results.get(
-            relpath, ("", "", "", "", "error: not processed", "", ""))
-        if relpath in overlay_failures:
-            overlay, status = "", f"error: {overlay_failures[relpath]}"
-        rows.append([relpath, prediction, label, probability, overlay, status, tiles, box])
-        detection_rows.extend([relpath, x, y, w, h, f"{p:.4f}"] for x, y, w, h, p in detections.get(relpath, ()))
-    write_csv(csv_path, CSV_COLUMNS, rows)
-    write_csv(output / "detections.csv", DETECTION_COLUMNS, detection_rows)
-    page = write_review_page(output / "index.html", [dict(zip(CSV_COLUMNS, r)) for r in rows],
-                             model_summary(args.model, meta, threshold, input=root,
-                                           explanation=f"{args.cam} on {args.cam_layer}" if cam_method else "none"))
-    removed = remove_stale_overlays(output, old_overlays, {r[4] for r in rows if r[4]})
+
+def assemble(args, listing: Listing, journal: RunJournal, output: Path, summary: dict) -> tuple[Counter, Path, int]:
+    """predictions.csv, detections.csv (journal.assemble: atomic, streamed), the review page (streamed), then
+    the overlays of the previous run that this one did not write are removed. -> (counts, page, removed)."""
+    csv_path = output / "predictions.csv"
+    old = SortedRecords(output).extend([name] for name in previous_overlays(csv_path)).sort()
+    new = SortedRecords(output)
+    page = PageWriter(output / "index.html", summary, scratch=output)
+    counts = Counter()
+
+    def on_item(relpath: str, tables: dict):
+        for row in tables.get("predictions", ()):
+            if row[4]:
+                new.add([row[4]])
+            page.add(dict(zip(CSV_COLUMNS, row)))
+            counts["images"] += 1
+            counts["defect"] += row[2] == 1
+            counts["non-defect"] += row[2] == 0
+            counts["error"] += row[5] != "ok"
+            counts["tiled"] += isinstance(row[6], int) and row[6] > 1
+            counts["units"] += row[6] if isinstance(row[6], int) else 0
+        counts["detections"] += len(tables.get("detections", ()))
+
+    try:
+        journal.assemble(listing.keys(), on_item, predictions=(csv_path, CSV_COLUMNS),
+                         detections=(output / "detections.csv", DETECTION_COLUMNS))
+    except RuntimeError as error:  # an image without a result: the engine stopped short
+        raise UserError(f"{error}; run the same command again to finish") from None
+    page_path = page.write()
+    removed = remove_stale_overlays(output, (name for [name] in old), (name for [name] in new.sort()))
+    return counts, page_path, removed
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    if args.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UserError("--engine ray needs Ray: pip install -r requirements-ray.txt")
+    # the quick checks first: a wrong folder should not cost a model load
+    root = Path(args.input)
+    fill = "`python train.py` fills test_images/ with its held-out NEU test images; or pass --input FOLDER"
+    if not root.is_dir():
+        raise UserError(f"input folder not found: {root}. {fill}")
+    output = ensure_writable_dir(args.output, "the output folder")
+    listing = list_images(root, output, args.overlay_format)
+    if not len(listing):
+        raise UserError(f"no images (.jpg .jpeg .png .bmp .tif .tiff) in {root}. {fill}")
+    device = pick_device(args.device)
+    model, meta = load_checkpoint(args.model, device)
+    fold_batchnorm(model)
+    threshold = meta["threshold"] if args.threshold is None else args.threshold
+    image_size = int(meta["image_size"])
+    cam_method = None if args.no_cam else args.cam
+    if cam_method is not None:
+        try:
+            resolve_layer(model, args.cam_layer)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    plan = Plan(image_size, None if args.tile == "off" else args.tile_size, args.tile_stride,
+                with_display=cam_method is not None, overlay_side=args.overlay_max_side)
+    model_bytes = Path(args.model).read_bytes() if args.engine == "ray" else None  # shipped to the actors
+    digest = hashlib.sha256(model_bytes).hexdigest() if model_bytes is not None else file_sha256(args.model)
+    key = run_key(args, root, digest, meta, threshold, cam_method, plan)
+
+    stride = args.tile_stride or plan.tile - plan.tile // 4 if plan.tile else 0
+    tiling = "tiling off" if plan.tile is None else f"images over {plan.tile} px tiled, stride {stride}"
+    unfinished = any((output / JOURNAL_DIR).glob("seg-*.log"))
+    with RunJournal.open(output, key, restart=args.restart) as journal:
+        if unfinished:
+            remove_orphan_temp_files(output)
+        todo = pending_work(listing, journal, cam_method is not None, key["save_heatmaps"])
+        skipped = len(listing) - len(todo)
+        header = (f"{len(listing)} images in {root}"
+                  + (f" ({skipped} done by an earlier run, {len(todo)} to do)" if skipped else "")
+                  + f"; model {args.model} (image size {image_size}, threshold {threshold:.4f}); "
+                  f"{'no CAM' if cam_method is None else f'{args.cam} on {args.cam_layer}'}; {tiling}")
+        if args.engine == "ray":
+            import ray_engine  # only here: the local engine never imports Ray
+            units_now = ray_engine.run(args, todo, root, output, model_bytes, plan, threshold, cam_method,
+                                       journal, header)
+        else:
+            units_now = run_local(args, todo, root, output, model, meta, plan, threshold, cam_method, journal,
+                                  device, header)
+        del model
+        summary = model_summary(args.model, meta, threshold, input=root,
+                                explanation=f"{args.cam} on {args.cam_layer}" if cam_method else "none")
+        counts, page, removed = assemble(args, listing, journal, output, summary)
+        journal.finish()  # complete: the next run starts fresh
 
     seconds = time.time() - started
-    defects = sum(r[2] == 1 for r in rows)
-    errors = sum(r[5] != "ok" for r in rows)
-    tiled = sum(isinstance(r[6], int) and r[6] > 1 for r in rows)
-    print(f"{len(rows)} images: {defects} defect, {len(rows) - defects - errors} non-defect, {errors} errors; "
-          f"{seconds:.1f}s, {len(rows) / seconds:.1f} images/s -> {csv_path}"
+    done_now = len(todo)
+    csv_path = output / "predictions.csv"
+    print(f"{counts['images']} images: {counts['defect']} defect, {counts['non-defect']} non-defect, "
+          f"{counts['error']} errors; {seconds:.1f}s, {done_now / seconds:.1f} images/s -> {csv_path}"
+          + (f" ({skipped} done by an earlier run)" if skipped else "")
           + (f", overlays in {output / OVERLAY_DIR}/" if cam_method is not None else "")
           + (f" ({removed} stale overlays of the previous run removed)" if removed else ""))
-    if tiled:
-        print(f"{tiled} large images tiled: {units['units']} model inputs (tiles + whole images), "
-              f"{units['units'] / seconds:.1f} inputs/s; {len(detection_rows)} detections -> "
+    if counts["tiled"]:
+        print(f"{counts['tiled']} large images tiled: {counts['units']} model inputs (tiles + whole images), "
+              f"{units_now / seconds:.1f} inputs/s; {counts['detections']} detections -> "
               f"{output / 'detections.csv'}")
     print(f"review page: {page} (open it in a browser)")
     return 0

@@ -1,4 +1,5 @@
-"""The per-image work of inference, one stage per object, free of threads, queues and output files:
+"""The per-image work of inference, one stage per object, free of threads and queues (so that more than one
+driver can run it):
 
     decode_units(path, relpath, plan)      a file -> work units: an image no larger than a tile -> one Decoded
                                            (decoded as it always was); a larger one -> its Tiles at native
@@ -9,9 +10,15 @@
                                            -> a Result once the image's last unit is in: p(defect) (the
                                            maximum over its tiles), its detections, its overlay
 
-infer.py drives them (reader thread, model streams, writer thread) and writes the files. Another engine
-(Ray Data: flat_map over decode_units, map_batches with BatchPredictor, a per-image reduce with Aggregator)
-can drive the same three.
+and, per finished image, its outputs:
+
+    finish_item(result, output, names, threshold, file_format)
+                                           -> an Item: the overlay (and heatmap) written into place, the CSV
+                                           rows, the files the run journal is to check
+    error_item(decoded)                    -> an Item for a file that could not be read
+
+Two drivers run them: infer.py's local engine (reader thread, model streams, writer thread) and
+ray_engine.py's actors (run_files: the same stages one after the other, in each of several processes).
 
 Tiles are cut at the scale the model was trained at: `Plan.tile` frame pixels a side (NEU's 200 x 200
 images), each resized to the checkpoint's image size as a whole NEU image is; see tiler.Tiler for the
@@ -26,20 +33,26 @@ clean tile adds ~0 and a detected one its full map: no heat on a clean frame, an
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 import dataset
-from gradcam import GradCAM, render_overlay
+from gradcam import GradCAM, encode_overlay, render_overlay
+from runtime import atomic_write
 from tiler import HeatmapStitcher, Tiler, hottest_tile
 
 DISPLAY_MAX_SIDE = 512       # overlays of images that are not tiled are drawn at most this wide/high
 FRAME_OVERLAY_SIDE = 2048    # a tiled image's whole overlay (both panels and the banner) fits this square
 BANNER_ROOM = 48             # render_overlay's banner is at most 41 px high
+CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile"]
+DETECTION_COLUMNS = ["image", "x", "y", "width", "height", "defect_probability"]
+OVERLAY_DIR = "gradcam"
+HEATMAP_DIR = "heatmaps"
 
 
 def error_text(error: BaseException) -> str:
@@ -310,3 +323,90 @@ class Aggregator:
             note = f"{len(detections)} of {len(probabilities)} tiles flagged"
             overlay = Overlay(frame.display, state.stitcher.result(), boxes, frame.stacked, note)
         return Result(frame.relpath, best.probability, len(probabilities), best.box, detections, overlay)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per image: its files and rows, as the run journal records them
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """A finished input: its predictions.csv row, its detections.csv rows, and the files it wrote (relative
+    to the output folder), which RunJournal.pending checks before it trusts the record."""
+    relpath: str
+    files: list[str]
+    predictions: list[list]
+    detections: list[list]
+    units: int = 0                       # model inputs it took (tiles, or 1)
+
+
+def heatmap_name(overlay_name: str) -> str:
+    """gradcam/<x>_gradcam.jpg -> heatmaps/<x>_heatmap.npy (--save-heatmaps)."""
+    return HEATMAP_DIR + overlay_name[len(OVERLAY_DIR):].rsplit("_gradcam.", 1)[0] + "_heatmap.npy"
+
+
+def error_item(unit: Decoded) -> Item:
+    return Item(unit.relpath, [], [[unit.relpath, "", "", "", "", f"error: {unit.error}", "", ""]], [])
+
+
+def finish_item(result: Result, output: Path, overlay_name: str, threshold: float, file_format: str,
+                save_heatmap: bool = False) -> Item:
+    """Write the overlay (and heatmap) of `result`, each to a temp file renamed into place, and return its
+    Item. A file that cannot be written (disk full, odd path) makes the row an error and leaves the verdict;
+    the Item still lists the files, so that a later run finds them missing and redoes the image."""
+    label = int(result.probability >= threshold)
+    prediction = dataset.BINARY_CLASSES[label]
+    box = "" if result.max_tile is None else ",".join(map(str, result.max_tile))
+    row = [result.relpath, prediction, label, f"{result.probability:.4f}", "", "ok", result.tiles, box]
+    files = []
+    if result.overlay is not None:
+        row[4] = overlay_name
+        files = [overlay_name] + ([heatmap_name(overlay_name)] if save_heatmap else [])
+        try:
+            data = encode_overlay(result.overlay.render(prediction, result.probability), file_format)
+            with atomic_write(output / overlay_name, "wb", fsync=False) as handle:
+                handle.write(data)
+            if save_heatmap:
+                with atomic_write(output / files[1], "wb", fsync=False) as handle:
+                    np.save(handle, result.overlay.heatmap.astype(np.float16))
+        except Exception as error:  # a full disk or odd path fails this overlay, not the run
+            row[4], row[5] = "", f"error: overlay not written: {type(error).__name__}: {error}"
+            for name in files:  # no older file of that name may pass for this run's
+                try:
+                    (output / name).unlink(missing_ok=True)
+                except OSError:
+                    pass
+    detections = [[result.relpath, x, y, w, h, f"{p:.4f}"] for x, y, w, h, p in result.detections]
+    return Item(result.relpath, files, [row], detections, result.tiles)
+
+
+def run_files(files: Iterable[tuple[Path, str, str]], plan: Plan, predictor: BatchPredictor, threshold: float,
+              batch_size: int, output: Path, file_format: str, save_heatmaps: bool = False) -> Iterator[Item]:
+    """(path, relpath, overlay name) -> an Item each, in order: decode, predict in batches of `batch_size`
+    units, aggregate, write. One thread, the stages one after the other (ray_engine's actors: parallel
+    across processes); infer.py's local engine runs the same stages in overlapping threads instead."""
+    aggregator, names, batch, done = Aggregator(threshold), {}, [], []
+
+    def predict():
+        probabilities, heatmaps = predictor(batch)
+        for i, unit in enumerate(batch):
+            result = aggregator.add(unit, float(probabilities[i]), None if heatmaps is None else heatmaps[i])
+            if result is not None:
+                done.append(finish_item(result, output, names.pop(result.relpath), threshold, file_format,
+                                        save_heatmaps))
+        batch.clear()
+
+    for path, relpath, overlay_name in files:
+        names[relpath] = overlay_name
+        for unit in decode_units(path, relpath, plan):
+            if unit.error:
+                names.pop(relpath)
+                done.append(error_item(unit))
+                continue
+            batch.append(unit)
+            if len(batch) == batch_size:
+                predict()
+        yield from done
+        done.clear()
+    if batch:
+        predict()
+    yield from done

@@ -49,12 +49,14 @@ def peer_worker(input_dir: Path, output_dir: Path, model_path: Path, size: int) 
     from pytorch_grad_cam.utils.image import preprocess_image, show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    import dataset
     from model import load_checkpoint
 
     started = time.perf_counter()  # after imports, as infer.py's own timer
     model, meta = load_checkpoint(model_path)
     size = size or int(meta["image_size"])
-    print(f"peer: image size {size} (checkpoint {meta['image_size']}), mean {meta['mean']}, std {meta['std']}")
+    per_image = meta["normalization"] == "per-image"
+    print(f"peer: image size {size} (checkpoint {meta['image_size']}), normalization {meta['normalization']}")
     paths = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     output_dir.mkdir(parents=True, exist_ok=True)
     targets = [ClassifierOutputTarget(1)]
@@ -66,7 +68,11 @@ def peer_worker(input_dir: Path, output_dir: Path, model_path: Path, size: int) 
             shrink = rgb_img.shape[0] > size or rgb_img.shape[1] > size
             rgb_img = cv2.resize(rgb_img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
             rgb_img = np.float32(rgb_img) / 255
-            input_tensor = preprocess_image(rgb_img, mean=meta["mean"], std=meta["std"])
+            if per_image:  # the checkpoint's own normalisation: each image's mean and std (dataset.normalize)
+                mean, std = float(rgb_img.mean()), max(float(rgb_img.std()), dataset.MIN_STD / 255)
+                input_tensor = preprocess_image(rgb_img, mean=[mean] * 3, std=[std] * 3)
+            else:
+                input_tensor = preprocess_image(rgb_img, mean=meta["mean"], std=meta["std"])
             grayscale_cam = cam(input_tensor=input_tensor, targets=targets)[0, :]
             visualization = show_cam_on_image(rgb_img, grayscale_cam, use_rgb=True)
             cv2.imwrite(str(output_dir / f"{path.stem}_cam.jpg"), cv2.cvtColor(visualization, cv2.COLOR_RGB2BGR))

@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import dataset  # noqa: E402
 from gradcam import GradCAM, encode_overlay, render_overlay  # noqa: E402
-from infer import Decoded, ModelStreams  # noqa: E402
+from infer import DEFAULT_CAM, DEFAULT_CAM_LAYER, Decoded, ModelStreams  # noqa: E402
 from model import build_model, fold_batchnorm, load_checkpoint  # noqa: E402
 
 from common import default_data_dir, machine_lines  # noqa: E402
@@ -45,7 +45,8 @@ def per_item_ms(work, items: int, repeats: int = 5) -> float:
     return statistics.median(times) / items * 1000
 
 
-def training_step(size: int, channels_last: bool, batch: int = 32) -> float:
+def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = False) -> float:
+    """ms per image of one AdamW step (forward, backward, update) on random input; bf16: CPU autocast."""
     torch.manual_seed(0)
     model, _ = build_model("none")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -55,7 +56,8 @@ def training_step(size: int, channels_last: bool, batch: int = 32) -> float:
     labels = torch.randint(0, 2, (batch,))
 
     def step():
-        loss = F.cross_entropy(model(images), labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -73,9 +75,9 @@ def import_seconds(statement: str, skip_teardown: bool = False) -> tuple[float, 
 
 
 def cam_images_per_second(model, streams: int, pixels: np.ndarray, rounds: int = 6) -> float:
-    """infer.py's ModelStreams (LayerCAM on features.1) over `rounds` batches per stream; torch's threads
+    """infer.py's ModelStreams (its default CAM) over `rounds` batches per stream; torch's threads
     are shared out between the streams as infer.py does."""
-    runner = ModelStreams(model, "per-image", "layercam", "features.1", streams, torch.device("cpu"))
+    runner = ModelStreams(model, "per-image", DEFAULT_CAM, DEFAULT_CAM_LAYER, streams, torch.device("cpu"))
     batch = [Decoded(str(i), image) for i, image in enumerate(pixels)]
     try:
         runner.run(iter([batch] * streams), lambda *result: None)  # warm-up
@@ -93,10 +95,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     print("\n".join(machine_lines()))
 
-    print("\n## Training step (batch 32, AdamW), ms per image -> images/s")
-    for size, channels_last in ((112, True), (112, False), (160, True), (224, True)):
-        ms = training_step(size, channels_last)
-        print(f"- {size} px, {'channels_last' if channels_last else 'NCHW'}: {ms:.1f} ms/img = {1000 / ms:.1f} img/s")
+    print("\n## Training step (AdamW), ms per image -> images/s; train.py: 200 px, batch 16, fp32, channels_last")
+    for size, batch, channels_last, bf16 in ((200, 8, True, False), (200, 16, True, False), (200, 24, True, False),
+                                             (200, 32, True, False), (200, 16, False, False), (200, 16, True, True),
+                                             (200, 32, True, True), (144, 16, True, False), (112, 16, True, False)):
+        ms = training_step(size, channels_last, batch, bf16)
+        print(f"- {size} px, batch {batch}, {'channels_last' if channels_last else 'NCHW'}"
+              f"{', bf16 autocast' if bf16 else ''}: {ms:.1f} ms/img = {1000 / ms:.1f} img/s")
 
     model, meta = load_checkpoint(args.model)
     size = int(meta["image_size"])
@@ -109,13 +114,13 @@ def main(argv=None) -> int:
             forward = per_item_ms(lambda: model(images), 32)
         cams = ", ".join(f"{method} {layer} {per_item_ms(lambda: GradCAM(model, layer, method)(images, 1), 32):.1f}"
                          for method, layer in (("gradcam", "features.8"), ("layercam", "features.2"),
-                                               ("layercam", "features.1")))
+                                               ("layercam", "features.1"), ("layercam", "features.0")))
         print(f"- BatchNorm {'folded' if folded else 'as trained'}: forward {forward:.1f}; CAM pass: {cams}")
 
     def layercam_ms_one_thread():
         before = torch.get_num_threads()
         torch.set_num_threads(1)
-        ms = per_item_ms(lambda: GradCAM(model, "features.1", "layercam")(images[:16], 1), 16)
+        ms = per_item_ms(lambda: GradCAM(model, DEFAULT_CAM_LAYER, DEFAULT_CAM)(images[:16], 1), 16)
         torch.set_num_threads(before)
         return ms
     silus = [m for m in model.modules() if isinstance(m, torch.nn.SiLU)]
@@ -125,12 +130,12 @@ def main(argv=None) -> int:
             for m in silus:
                 m.inplace = inplace
             timings.setdefault(inplace, []).append(layercam_ms_one_thread())
-    print(f"- LayerCAM features.1 (folded), batch 16 on 1 thread: SiLU in place {statistics.median(timings[True]):.1f}, "
+    print(f"- {DEFAULT_CAM} {DEFAULT_CAM_LAYER} (folded), batch 16 on 1 thread: SiLU in place {statistics.median(timings[True]):.1f}, "
           f"not in place (infer.py) {statistics.median(timings[False]):.1f}")
 
     threads = torch.get_num_threads()
     if threads >= 2:
-        print(f"\n## LayerCAM on features.1 (folded), batches of 16 at {size} px, images/s (median of 3)")
+        print(f"\n## {DEFAULT_CAM} on {DEFAULT_CAM_LAYER} (folded), batches of 16 at {size} px, images/s (median of 3)")
         pixels = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
         for streams in (1, 2):
             rate = statistics.median(cam_images_per_second(model, streams, pixels) for _ in range(3))
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
     sample = next(iter(sorted((default_data_dir(args.data_dir)).rglob("*.jpg"))))
     decode = per_item_ms(lambda: dataset.to_model_pixels(dataset.open_image(sample, size), size), 1, repeats=50)
     display = np.asarray(dataset.open_image(sample, size))
-    heatmap = GradCAM(model, "features.1", "layercam")(images[:1], 1)[0].numpy()
+    heatmap = GradCAM(model, DEFAULT_CAM_LAYER, DEFAULT_CAM)(images[:1], 1)[0].numpy()
     overlay = render_overlay(display, heatmap, "defect", 0.5)
     draw = per_item_ms(lambda: render_overlay(display, heatmap, "defect", 0.5), 1, repeats=50)
     libpng_default = [cv2.IMWRITE_PNG_COMPRESSION, 1]

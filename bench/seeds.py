@@ -20,7 +20,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import check, default_data_dir, load_average, machine_lines, markdown_table, run_child
+from common import (check, default_data_dir, load_average, machine_lines, markdown_table, parse_with_train_args,
+                    run_child)
 from robustness import robustness_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,23 +29,13 @@ OWNED_BY_BENCH = ("--data-dir", "--output", "--reports", "--test-images", "--see
 
 
 def parse_args(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1: timings stay honest)")
     p.add_argument("--no-robustness", dest="robustness", action="store_false", help="clean metrics only")
     p.add_argument("--json", help="also write every figure to this JSON file")
-    args = p.parse_args(argv)
-    clashes = [a for a in extra if a.split("=", 1)[0] in OWNED_BY_BENCH]
-    if clashes:
-        p.error(f"{', '.join(clashes)}: the bench sets these itself")
-    args.train_args = extra
-    return args
+    return parse_with_train_args(p, argv, OWNED_BY_BENCH)
 
 
 def train(seed: int, data_dir: Path, train_args: list[str], work: Path) -> tuple[Path, float]:

@@ -20,27 +20,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import check, default_data_dir, load_average, machine_lines, markdown_table, median, run_child
+from common import (check, default_data_dir, load_average, machine_lines, markdown_table, median,
+                    parse_with_train_args, run_child)
 
 OWNED_BY_BENCH = ("--data-dir", "--output", "--reports", "--test-images")  # would redirect files out of the temp dir
 
 
 def parse_args(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
     p.add_argument("--repeat", type=int, default=1, help="train this many times (default: %(default)s)")
-    args = p.parse_args(argv)
+    args = parse_with_train_args(p, argv, OWNED_BY_BENCH)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
-    clashes = [a for a in extra if a.split("=", 1)[0] in OWNED_BY_BENCH]
-    if clashes:
-        p.error(f"{', '.join(clashes)}: the bench sets these itself (temp folders; give --data-dir before the --)")
-    args.train_args = extra
     return args
 
 
