@@ -250,7 +250,8 @@ def write_review(output: Path, samples, pixels, probabilities, threshold: float,
     this run did not write (an earlier evaluation of other images) are removed from that folder."""
     import review
     from gradcam import encode_overlay, render_overlay
-    from infer import DISPLAY_MAX_SIDE, OVERLAY_DIR, overlay_names
+    from infer import OVERLAY_DIR, overlay_names
+    from pipeline import DISPLAY_MAX_SIDE
     from PIL import Image
 
     names = {relpath: REVIEW_OVERLAY_DIR + name[len(OVERLAY_DIR):]

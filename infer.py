@@ -8,9 +8,9 @@ overlapping tiles at that scale instead of being shrunk whole (--tile off shrink
 p(defect) is its hottest tile's, every tile at or over the threshold is a row of detections.csv and a box on
 its overlay, and the tiles' heatmaps are blended into one. pipeline.py holds that per-image work.
 
-Decoding runs in a reader thread and overlay drawing and writing in a writer thread, while the model works on
-two batches at once (ModelStreams); every queue is bounded (units, and bytes of pending overlays), so memory
-does not grow with the number of images or tiles.
+The local engine (local_engine.py) decodes in a reader thread and draws and writes overlays in a writer
+thread, while the model works on two batches at once; every queue is bounded, so memory does not grow with
+the number of images or tiles.
 
 Resumable: each finished image is recorded in OUT/.journal/ (journal.py) once its overlay is in place, fsync'd
 in batches. Rerunning the same command after a crash, Ctrl-C, kill -9 or a power cut does only the images
@@ -28,42 +28,30 @@ requirements-ray.txt), on this machine or a cluster, with the same journal and t
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import hashlib
 import importlib.util
 import os
-import queue
 import re
-import sys
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
 import dataset
+import local_engine
 from gradcam import METHODS, OVERLAY_FORMATS, resolve_layer
 from journal import JOURNAL_DIR, RunJournal, file_sha256
 from listing import Listing, SortedRecords, list_inputs, walk_images
 from model import fold_batchnorm, load_checkpoint, pick_device
-# Decoded, decode and DISPLAY_MAX_SIDE are also infer.py's: bench/ and evaluate.py import them from here
-from pipeline import (CSV_COLUMNS, DETECTION_COLUMNS, DISPLAY_MAX_SIDE, FRAME_OVERLAY_SIDE,  # noqa: F401
-                      HEATMAP_DIR, OVERLAY_DIR, Aggregator, BatchPredictor, Decoded, Plan, decode,
-                      decode_units, error_item, finish_item, heatmap_name)
+from pipeline import CSV_COLUMNS, DETECTION_COLUMNS, FRAME_OVERLAY_SIDE, HEATMAP_DIR, OVERLAY_DIR, Plan, heatmap_name
 from review import PageWriter, model_summary
-from runtime import UserError, ensure_writable_dir, interrupts_deferred, run_main
+from runtime import UserError, ensure_writable_dir, run_main
 
 # The default explanation: on the validation split, the CAM that comes closest to pointing game >= 0.95 and
 # energy in box >= 0.65 (`python bench/cam_choice.py`; none meets both: bench/README.md).
 DEFAULT_CAM = "layercam"
 DEFAULT_CAM_LAYER = "features.0"
-OVERLAY_BYTES_PENDING = 64 * 2**20  # overlays drawn by the writer later: at most this much of images + heatmaps
 OVERLAY_SUFFIXES = tuple(f"_gradcam.{file_format}" for file_format in OVERLAY_FORMATS)
 
 
@@ -164,133 +152,6 @@ def overlay_names(relpaths: list[str], file_format: str = "jpg") -> dict[str, st
     return names
 
 
-def read_ahead(todo: Iterable[tuple[str, str]], root: Path, plan: Plan, out: queue.Queue, stop: threading.Event,
-               names: dict):
-    """Reader thread: each file's units (a whole image, or its tiles) in order into a bounded queue; None
-    marks the end. The queue holds units, not frames: a large frame is decoded once and cut as the model
-    takes its tiles, so at most one frame's pixels are held here. names[relpath] = its overlay name, for the
-    images in flight only (the writer pops them)."""
-    for relpath, overlay_name in todo:
-        names[relpath] = overlay_name
-        for unit in decode_units(root / relpath, relpath, plan):
-            if stop.is_set():
-                break
-            out.put(unit)
-        if stop.is_set():
-            break
-    out.put(None)
-
-
-class Budget:
-    """Bytes handed to another thread: take() waits while more than `limit` are out, except that one item
-    always passes when none is out (an item over the limit waits for an empty queue, not forever)."""
-
-    def __init__(self, limit: int):
-        self.limit, self.out = limit, 0
-        self.changed = threading.Condition()
-
-    def take(self, amount: int) -> None:
-        with self.changed:
-            self.changed.wait_for(lambda: self.out == 0 or self.out + amount <= self.limit)
-            self.out += amount
-
-    def give(self, amount: int) -> None:
-        with self.changed:
-            self.out -= amount
-            self.changed.notify_all()
-
-
-def write_results(jobs: queue.Queue, output: Path, settings: dict, journal: RunJournal, budget: Budget,
-                  done, failed: list):
-    """Writer thread: for each finished image, render, encode and write its overlay (temp file + rename) and
-    heatmap, then record it in the journal (pipeline.finish_item: the order the journal requires); an
-    unreadable file's Item is recorded as it is. None ends it. If the journal cannot be written, the error is
-    kept in `failed` for the main thread to raise, and the rest is drained unrecorded."""
-    while (job := jobs.get()) is not None:
-        item, result, overlay_name = job
-        try:
-            if failed:
-                continue
-            if item is None:
-                item = finish_item(result, output, overlay_name, settings["threshold"], settings["overlay_format"],
-                                   settings["save_heatmaps"])
-            journal.record(item.relpath, files=item.files, predictions=item.predictions, detections=item.detections)
-            done(item)
-        except BaseException as error:  # noqa: BLE001 -- handed to the main thread
-            failed.append(error)
-        finally:
-            if result is not None and result.overlay is not None:
-                budget.give(result.overlay.nbytes)
-
-
-def batches_of(decoded: queue.Queue, size: int, on_error) -> Iterator[list]:
-    """The reader's units grouped into batches of `size` (tiles of several images and whole images may share
-    one); unreadable images go to on_error."""
-    batch = []
-    while (item := decoded.get()) is not None:
-        if item.error:
-            on_error(item)
-            continue
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-class ModelStreams:
-    """Runs batches on `count` copies of the model side by side, each copy in its own thread.
-
-    On a small CPU two batches at once, one torch thread each, beat one batch at a time on both cores: this
-    net's layers at 112 px are too small to keep two threads busy (`python bench/profile_parts.py`, CAM pass
-    by streams x threads). Each copy has its own CAM hooks, so no two batches share state. A GPU, or a
-    single-thread budget (OMP_NUM_THREADS=1), gets one stream. The torch thread count is restored by close().
-    """
-
-    def __init__(self, model, normalization: str, cam_method: str | None, cam_layer: str, requested: int,
-                 device: torch.device):
-        self.threads_before = torch.get_num_threads()
-        self.count = requested or (2 if device.type == "cpu" and self.threads_before >= 2 else 1)
-        self.threads_each = max(1, self.threads_before // self.count)
-        self.idle: queue.SimpleQueue = queue.SimpleQueue()
-        for copy_ in [model] + [copy.deepcopy(model) for _ in range(self.count - 1)]:
-            self.idle.put(BatchPredictor(copy_, normalization, cam_method, cam_layer, device))
-        torch.set_num_threads(self.threads_each)
-        self.pool = ThreadPoolExecutor(self.count, thread_name_prefix="model")
-
-    def describe(self) -> str:
-        return f"{self.count} model stream{'s' if self.count > 1 else ''} x {self.threads_each} thread(s)"
-
-    def predict(self, batch: list) -> tuple[np.ndarray, np.ndarray | None]:
-        """-> (p(defect) per unit, heatmaps for class defect or None), on whichever model copy is idle."""
-        predictor = self.idle.get()
-        try:
-            return predictor(batch)
-        finally:
-            self.idle.put(predictor)
-
-    def run(self, batches: Iterator[list], record) -> None:
-        """record(batch, probabilities, heatmaps) for every batch, in input order, in the calling thread.
-        Every copy busy plus one batch waiting, no more: memory stays flat however many images come."""
-        pending: deque = deque()
-
-        def record_oldest():
-            done, future = pending.popleft()
-            record(done, *future.result())
-        for batch in batches:
-            pending.append((batch, self.pool.submit(self.predict, batch)))
-            while len(pending) > self.count:
-                record_oldest()
-        while pending:
-            record_oldest()
-
-    def close(self) -> None:
-        """Let running batches finish (seconds at most), drop queued ones, restore torch's thread count."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(self.threads_before)
-
-
 def previous_overlays(csv_path: Path) -> Iterator[str]:
     """Overlay paths listed by an earlier run's predictions.csv (the only files we may clean up), streamed."""
     try:
@@ -368,73 +229,14 @@ def run_key(args, root: Path, model_digest: str, meta: dict, threshold: float, c
 
 def pending_work(listing: Listing, journal: RunJournal, with_files: bool, save_heatmaps: bool) -> Listing:
     """The (relpath, overlay name) records without a valid result in the journal, on disk."""
-    expected = None
-    if with_files:
-        name_of = listing.cursor()
+    if not with_files:
+        return listing.subset(journal.pending(listing.keys()))
+    name_of = listing.cursor()
 
-        def expected(relpath: str) -> list[str]:
-            name = name_of(relpath)
-            return [name, heatmap_name(name)] if save_heatmaps else [name]
+    def expected(relpath: str) -> list[str]:
+        name = name_of(relpath)
+        return [name, heatmap_name(name)] if save_heatmaps else [name]
     return listing.subset(journal.pending(listing.keys(), expected))
-
-
-def run_local(args, todo: Listing, root: Path, output: Path, model, meta: dict, plan: Plan, threshold: float,
-              cam_method: str | None, journal: RunJournal, device: torch.device, header: str) -> int:
-    """The local engine: `todo` through reader thread -> model streams -> writer thread, each image recorded
-    in the journal once written. Returns the model inputs (tiles + whole images) it ran."""
-    streams = ModelStreams(model, meta["normalization"], cam_method, args.cam_layer, args.streams, device)
-    print(f"{header}; device {device}, {streams.describe()}", flush=True)
-    settings = {"threshold": threshold, "overlay_format": args.overlay_format,
-                "save_heatmaps": args.save_heatmaps and cam_method is not None}
-    stop = threading.Event()
-    decoded: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
-    jobs: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
-    pending = Budget(OVERLAY_BYTES_PENDING)
-    names: dict[str, str] = {}  # images in flight only: filled by the reader, emptied as their results come
-    failed: list[BaseException] = []
-    bar = tqdm(total=len(todo), unit="img", desc="infer", file=sys.stdout)
-    reader = threading.Thread(target=read_ahead, daemon=True, args=(todo, root, plan, decoded, stop, names))
-    writer = threading.Thread(target=write_results, daemon=True,
-                              args=(jobs, output, settings, journal, pending, lambda item: bar.update(1), failed))
-    reader.start()
-    writer.start()
-    aggregator = Aggregator(threshold)
-    units = Counter()  # model inputs: tiles, and whole images
-
-    def check():
-        if failed:
-            raise failed[0]
-
-    def skip_unreadable(item: Decoded):
-        names.pop(item.relpath, None)
-        jobs.put((error_item(item), None, ""))
-
-    def record(batch: list, probabilities: np.ndarray, heatmaps: np.ndarray | None):
-        check()
-        for i, unit in enumerate(batch):
-            result = aggregator.add(unit, float(probabilities[i]), None if heatmaps is None else heatmaps[i])
-            if result is not None:
-                if result.overlay is not None:
-                    pending.take(result.overlay.nbytes)
-                jobs.put((None, result, names.pop(result.relpath)))
-        units["units"] += len(batch)
-
-    try:
-        streams.run(batches_of(decoded, args.batch_size, skip_unreadable), record)
-    finally:
-        with interrupts_deferred():  # a second Ctrl-C must not cut this short
-            streams.close()
-            stop.set()
-            while reader.is_alive():  # unblock a reader waiting on a full queue
-                try:
-                    decoded.get_nowait()
-                except queue.Empty:
-                    reader.join(0.05)
-            jobs.put(None)
-            writer.join()  # the writer finishes its current file, so no temp file is left behind
-            bar.close()
-    check()
-    return units["units"]
 
 
 def assemble(args, listing: Listing, journal: RunJournal, output: Path, summary: dict) -> tuple[Counter, Path, int]:
@@ -517,7 +319,7 @@ def main(argv=None) -> int:
             units_now = ray_engine.run(args, todo, root, output, model_bytes, plan, threshold, cam_method,
                                        journal, header)
         else:
-            units_now = run_local(args, todo, root, output, model, meta, plan, threshold, cam_method, journal,
+            units_now = local_engine.run(args, todo, root, output, model, meta, plan, threshold, cam_method, journal,
                                   device, header)
         del model
         summary = model_summary(args.model, meta, threshold, input=root,

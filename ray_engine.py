@@ -35,7 +35,7 @@ for Ray Data's read tasks, which then wait forever (2 actors x 1 CPU on a 2-CPU 
 The actors then reserve at most the total less R per node, so some node always has R free for a read task
 (were every node short of R, less than R x nodes would be free), while each actor still runs `threads` torch
 threads (1: several single-thread model copies beat one multi-thread copy for this small network, as
-infer.py's ModelStreams). On 2 CPUs: 2 actors x 0.5 CPU, reads 1 CPU. tests/test_ray_engine.py runs that
+local_engine.ModelStreams). On 2 CPUs: 2 actors x 0.5 CPU, reads 1 CPU. tests/test_ray_engine.py runs that
 instance under a time limit, so a deadlock fails the test instead of hanging.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ game, energy in box) beside what it costs in infer.py's own CAM pass, and the ch
 
 Localization: evaluate.localization_scores on the split's scratch images that have ANNOTATIONS boxes (the
 heatmap for class defect, resized to the image's original geometry; a flat map scores 0, a tie the share of
-its maximal pixels inside the boxes). Cost: infer.ModelStreams built as infer.py builds it (BatchNorm folded,
+its maximal pixels inside the boxes). Cost: local_engine.ModelStreams built as infer.py builds it (BatchNorm folded,
 --streams 0 = auto, batch size 16), one warm-up batch per stream untimed, then those images repeated to at
 least --min-images; ms/img = wall time of ModelStreams.run / images (normalisation, forward, backward to the
 layer, CAM; no decoding and no overlay drawing). The forward pass without CAM (infer.py --no-cam) is the
@@ -34,7 +34,9 @@ import dataset  # noqa: E402
 from common import default_data_dir, load_average, machine_lines, markdown_table, median  # noqa: E402
 from evaluate import SWEEP_LAYERS, find_annotations, localization_scores, read_boxes, select_samples  # noqa: E402
 from gradcam import METHODS, resolve_layer  # noqa: E402
-from infer import DEFAULT_CAM, DEFAULT_CAM_LAYER, Decoded, ModelStreams  # noqa: E402
+from infer import DEFAULT_CAM, DEFAULT_CAM_LAYER  # noqa: E402
+from local_engine import ModelStreams  # noqa: E402
+from pipeline import Decoded  # noqa: E402
 from model import fold_batchnorm, load_checkpoint, pick_device  # noqa: E402
 
 SCORE_BATCH = 64  # evaluate.py's default: scores do not depend on it

@@ -61,9 +61,10 @@ def default_data_dir(cli_value: str | None) -> Path:
     return folder
 
 
-def parse_with_train_args(parser, argv, owned: tuple[str, ...]):
-    """parser's own arguments before a `--`, train.py's after it (returned as args.train_args); the bench's
-    own train.py flags (`owned`: its temp folders, its seeds) may not be passed through."""
+def parse_with_script_args(parser, argv, owned: tuple[str, ...]):
+    """parser's own arguments before a `--`, those for the script it runs after it (returned as
+    args.script_args); the flags the bench sets itself (`owned`: its temp folders, its seeds) may not be
+    passed through."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
@@ -73,7 +74,7 @@ def parse_with_train_args(parser, argv, owned: tuple[str, ...]):
     clashes = [a for a in extra if a.split("=", 1)[0] in owned]
     if clashes:
         parser.error(f"{', '.join(clashes)}: the bench sets these itself (give --data-dir before the --)")
-    args.train_args = extra
+    args.script_args = extra
     return args
 
 

@@ -259,7 +259,7 @@ def main(argv=None) -> int:
                     shutil.rmtree(output)
             shutil.rmtree(inputs)
         parts = driver_parts(args.driver, work) if args.driver else []
-    print(f"\n## infer.py engines\n")
+    print("\n## infer.py engines\n")
     print("\n".join(f"- {line}" for line in machine))
     print(f"- load average at the end: {load_average()}\n")
     if results:

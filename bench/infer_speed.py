@@ -4,9 +4,10 @@ peer baseline: the per-image loop that pytorch-grad-cam's README shows, on the s
     python bench/infer_speed.py                         # N = 300 and 3000, 3 alternating rounds
     python bench/infer_speed.py --sizes 40 80 --repeat 1 --model /tmp/bench_model.pth   # quick check
     python bench/infer_speed.py --peer-size 224         # the peer at 224 px (then not the same computation)
+    python bench/infer_speed.py --sizes 300 -- --cam gradcam --cam-layer features.8   # the peer's own CAM
 
 Both sides are whole child processes timed the same way: wall time from start to exit (imports and model
-load included), images/s = N / wall, peak RSS of the child. They alternate (ours, peer, ours, peer ...) so
+load included), images/s = N / wall, peak RSS of the child. Arguments after `--` go to infer.py. They alternate (ours, peer, ours, peer ...) so
 that a change in machine load hits both. The N input images are NEU images repeated, as symlinks in a temp
 folder; outputs go to temp folders and are deleted after each run.
 """
@@ -24,7 +25,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from common import ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, median, run_child
+from common import (ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, median,
+                    parse_with_script_args, run_child)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}  # as dataset.py, without importing torch here
 PEER = "pytorch-grad-cam README loop"
@@ -98,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)  # internal: be the peer process
     p.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--output", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_with_script_args(p, argv, ("--input", "--output", "--model"))
     if args.repeat < 1 or min(args.sizes) < 1 or args.peer_size < 0:
         p.error("--repeat and --sizes must be >= 1, --peer-size >= 0")
     return args
@@ -130,10 +132,10 @@ def rate_from_log(log: Path) -> float:
     return float(found[-1]) if found else float("nan")
 
 
-def run_ours(model: Path, inputs: Path, n: int, work: Path, tag: str) -> dict:
+def run_ours(model: Path, inputs: Path, n: int, work: Path, tag: str, infer_args: list[str]) -> dict:
     output = work / "ours_out"
     run = run_child([sys.executable, "infer.py", "--input", str(inputs), "--output", str(output),
-                     "--model", str(model)], work / f"ours_{tag}.log")
+                     "--model", str(model), *infer_args], work / f"ours_{tag}.log")
     check(run, "infer.py")
     with open(output / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -141,7 +143,7 @@ def run_ours(model: Path, inputs: Path, n: int, work: Path, tag: str) -> dict:
     if len(rows) != n or overlays != n or any(r["status"] != "ok" for r in rows):
         sys.exit(f"infer.py did not do the full job: {len(rows)} CSV rows, {overlays} overlays for {n} images")
     shutil.rmtree(output)
-    cam = re.search(r"; (\S+ on \S+); device", run.log.read_text(errors="replace"))
+    cam = re.search(r"; (\S+ on \S+|no CAM); ", run.log.read_text(errors="replace"))
     return dict(wall_s=run.wall_s, rss=run.peak_rss_mib, rate=n / run.wall_s, own_rate=rate_from_log(run.log),
                 cam=cam[1] if cam else "?")
 
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
             results[n] = {"ours": [], "peer": []}
             for round_ in range(1, args.repeat + 1):
                 tag = f"{n}_{round_}"
-                ours = run_ours(model, inputs, n, work, tag)
+                ours = run_ours(model, inputs, n, work, tag, args.script_args)
                 results[n]["ours"].append(ours)
                 line = (f"N={n} round {round_}: infer.py {ours['wall_s']:.1f}s = {ours['rate']:.1f} img/s, "
                         f"peak RSS {ours['rss']:.0f} MiB")
@@ -222,7 +224,8 @@ def main(argv=None) -> int:
     print(f"\n## Inference speed: python infer.py vs {PEER}\n")
     print("\n".join(f"- {line}" for line in machine))
     print(f"- load average at the end: {load_average()}")
-    print(f"- infer.py defaults ({ours_cam}); peer: pytorch-grad-cam {version('grad-cam')} GradCAM on features[-1], "
+    print(f"- infer.py {' '.join(args.script_args) or 'defaults'} ({ours_cam}); peer: pytorch-grad-cam "
+          f"{version('grad-cam')} GradCAM on features[-1], "
           f"batch of 1")
     print(f"- checkpoint {model.name}; peer image size {', '.join(map(str, sorted(peer_sizes))) or '-'} px; "
           f"{args.repeat} alternating round(s) per N\n")

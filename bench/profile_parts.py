@@ -28,7 +28,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import dataset  # noqa: E402
 from gradcam import GradCAM, encode_overlay, render_overlay  # noqa: E402
-from infer import DEFAULT_CAM, DEFAULT_CAM_LAYER, Decoded, ModelStreams  # noqa: E402
+from infer import DEFAULT_CAM, DEFAULT_CAM_LAYER  # noqa: E402
+from local_engine import ModelStreams  # noqa: E402
+from pipeline import Decoded  # noqa: E402
 from model import build_model, fold_batchnorm, load_checkpoint  # noqa: E402
 
 from common import default_data_dir, machine_lines  # noqa: E402

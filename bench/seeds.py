@@ -20,7 +20,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import (check, default_data_dir, load_average, machine_lines, markdown_table, parse_with_train_args,
+from common import (check, default_data_dir, load_average, machine_lines, markdown_table, parse_with_script_args,
                     run_child)
 from robustness import robustness_rows
 
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1: timings stay honest)")
     p.add_argument("--no-robustness", dest="robustness", action="store_false", help="clean metrics only")
     p.add_argument("--json", help="also write every figure to this JSON file")
-    return parse_with_train_args(p, argv, OWNED_BY_BENCH)
+    return parse_with_script_args(p, argv, OWNED_BY_BENCH)
 
 
 def train(seed: int, data_dir: Path, train_args: list[str], work: Path) -> tuple[Path, float]:
@@ -74,7 +74,7 @@ def score(checkpoint: Path, data_dir: Path, robustness: bool) -> dict:
 
 
 def one_seed(seed: int, args, data_dir: Path, work: Path) -> dict:
-    checkpoint, wall = train(seed, data_dir, args.train_args, work)
+    checkpoint, wall = train(seed, data_dir, args.script_args, work)
     result = {"seed": seed, "train_wall_s": wall, **score(checkpoint, data_dir, args.robustness)}
     shutil.rmtree(checkpoint.parent)
     print(f"seed {seed}: {wall:.0f}s; val acc {result['val']['accuracy']:.4f} recall {result['val']['recall']:.4f}; "
@@ -90,7 +90,7 @@ def worst_asked(result: dict, key: str) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     data_dir = default_data_dir(args.data_dir)
-    command = " ".join(["python train.py", *args.train_args])
+    command = " ".join(["python train.py", *args.script_args])
     machine = machine_lines()
     print("\n".join(machine) + f"\ncommand: {command} --seed S, seeds {args.seeds}", flush=True)
     sys.path.insert(0, str(ROOT))

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from common import (check, default_data_dir, load_average, machine_lines, markdown_table, median,
-                    parse_with_train_args, run_child)
+                    parse_with_script_args, run_child)
 
 OWNED_BY_BENCH = ("--data-dir", "--output", "--reports", "--test-images")  # would redirect files out of the temp dir
 
@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
     p.add_argument("--repeat", type=int, default=1, help="train this many times (default: %(default)s)")
-    args = parse_with_train_args(p, argv, OWNED_BY_BENCH)
+    args = parse_with_script_args(p, argv, OWNED_BY_BENCH)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     return args
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     data_dir = default_data_dir(args.data_dir)
     machine = machine_lines()
-    command = " ".join(["python train.py", *args.train_args]) or "python train.py"
+    command = " ".join(["python train.py", *args.script_args]) or "python train.py"
     print("\n".join(machine))
     print(f"data: {data_dir}\ncommand: {command} (+ --data-dir/--output/--reports/--test-images in a temp dir), "
           f"{args.repeat} run(s)", flush=True)
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="train_speed_") as work:
         for index in range(1, args.repeat + 1):
-            results.append(one_run(index, data_dir, args.train_args, Path(work)))
+            results.append(one_run(index, data_dir, args.script_args, Path(work)))
 
     print("\nimages/s = training-split images x epochs / wall seconds of the whole `python train.py` process "
           "(imports, ImageNet weights, decoding, every epoch's training and validation pass, saving, copying "

@@ -14,6 +14,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import dataset  # noqa: E402
 from model import build_model, save_checkpoint  # noqa: E402
 
 
@@ -36,6 +37,26 @@ def save_image(path: Path, kind: str = "plain", size: int = 64, seed: int = 0, m
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(synthetic_image(kind, size, seed)).convert(mode).save(path)
     return path
+
+
+def random_model_with_spread(seed: int, normalization: str):
+    """Random weights whose probabilities differ between images (a fresh model puts every image at p = 0.5:
+    untouched BatchNorm statistics, a 0.01-std head): one pass in train mode over synthetic 64 px images sets
+    the statistics, a wider head spreads the logits. -> (model in eval mode, initialisation)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net, init = build_model("none")
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None
+                module.reset_running_stats()
+        batch = np.stack([np.repeat(synthetic_image(kind, 64, s)[..., None], 3, axis=2)
+                          for s in range(6) for kind in ("plain", "scratch")])
+        with torch.no_grad():
+            net.train()(dataset.normalize(batch, normalization))
+        net.eval()
+        torch.nn.init.normal_(net.classifier[1].weight, std=0.5)
+    return net, init
 
 
 @pytest.fixture(scope="module")
@@ -67,4 +88,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
     save_checkpoint(path, model, {"image_size": 64, "normalization": "per-image", "threshold": 0.5, "pretrained": init,
                                   "epochs": 0, "seed": 0})
+    return path
+
+
+@pytest.fixture(scope="module")
+def decisive_checkpoint(tmp_path_factory):
+    """Random weights like tiny_checkpoint, but whose probabilities differ between images
+    (random_model_with_spread); an ImageNet-normalised model in the older checkpoint format (mean/std, no
+    'normalization' key), which infer.py still reads."""
+    net, init = random_model_with_spread(5, "imagenet")
+    path = tmp_path_factory.mktemp("decisive") / "decisive.pth"
+    save_checkpoint(path, net, {"image_size": 64, "mean": list(dataset.IMAGENET_MEAN),
+                                "std": list(dataset.IMAGENET_STD), "threshold": 0.5, "pretrained": init})
     return path

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import dataset
-import infer
+import pipeline
 from conftest import run_script, save_image, synthetic_image
 from dataset import NEU_CLASSES, DataError
 
@@ -365,7 +365,7 @@ def test_pixel_limit_is_an_error_everywhere(tmp_path, monkeypatch):
     big = save_image(tmp_path / "Sc_2.png", size=40)               # 1600: over the limit, under twice it
     with pytest.raises((Image.DecompressionBombError, Image.DecompressionBombWarning)):
         dataset.open_image(big, 16)
-    decoded = infer.decode(big, "Sc_2.png", 16, with_display=True)
+    decoded = pipeline.decode(big, "Sc_2.png", 16, with_display=True)
     assert decoded.pixels is None and "DecompressionBomb" in decoded.error
     samples, _ = dataset.find_samples(tmp_path, verbose=False)
     with pytest.raises(DataError) as error:
@@ -420,10 +420,10 @@ def test_non_square_is_resized_whole_not_cropped(tmp_path, size):
 def model_inputs_three_ways(samples, size, normalization):
     """What train.py, infer.py and dataset.preprocess hand to the model, for the same files."""
     trained = dataset.normalize(dataset.load_pixels(samples, size, progress=False), normalization)
-    decoded = [infer.decode(s.path, s.relpath, size, with_display=True) for s in samples]
+    decoded = [pipeline.decode(s.path, s.relpath, size, with_display=True) for s in samples]
     assert all(d.error is None for d in decoded), [d.error for d in decoded]
     inferred = dataset.normalize(np.stack([d.pixels for d in decoded]), normalization)
-    without_display = np.stack([infer.decode(s.path, s.relpath, size, with_display=False).pixels for s in samples])
+    without_display = np.stack([pipeline.decode(s.path, s.relpath, size, with_display=False).pixels for s in samples])
     preprocessed = torch.stack([dataset.preprocess(s.path, size, normalization) for s in samples])
     return trained, inferred, dataset.normalize(without_display, normalization), preprocessed
 

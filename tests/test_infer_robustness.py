@@ -26,8 +26,8 @@ from PIL import Image
 
 import dataset
 import infer
-from conftest import ROOT, run_script, save_image, synthetic_image
-from model import build_model, load_checkpoint, save_checkpoint
+from conftest import ROOT, run_script, save_image
+from model import load_checkpoint
 from runtime import interrupts_deferred, run_main
 from tiler import Tiler
 
@@ -149,29 +149,6 @@ def wait_with_rusage(proc: subprocess.Popen, timeout: float) -> int:
     proc.kill()
     proc.wait()
     raise AssertionError(f"{proc.args} did not finish in {timeout} s")
-
-
-@pytest.fixture(scope="module")
-def decisive_checkpoint(tmp_path_factory):
-    """Random weights like tiny_checkpoint, but whose probabilities differ between images: a fresh model
-    puts every image at p = 0.5000 (untouched BatchNorm statistics, 0.01-std head). One pass in train mode
-    over a few synthetic images sets the statistics; a wider head spreads the logits."""
-    torch.manual_seed(5)
-    net, init = build_model("none")
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-            module.reset_running_stats()
-    batch = np.stack([np.repeat(synthetic_image(kind, 64, seed)[..., None], 3, axis=2)
-                      for seed in range(6) for kind in ("plain", "scratch")])
-    with torch.no_grad():
-        net.train()(dataset.normalize(batch, "imagenet"))
-    net.eval()
-    torch.nn.init.normal_(net.classifier[1].weight, std=0.5)
-    path = tmp_path_factory.mktemp("decisive") / "decisive.pth"
-    save_checkpoint(path, net, {"image_size": 64, "mean": list(dataset.IMAGENET_MEAN),
-                                "std": list(dataset.IMAGENET_STD), "threshold": 0.5, "pretrained": init})
-    return path
 
 
 def test_messy_folder(tmp_path, decisive_checkpoint):

@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_script, save_image
-from test_infer_robustness import decisive_checkpoint  # noqa: F401 -- a fixture
 
 try:
     import ray  # noqa: F401
@@ -88,7 +87,7 @@ def assert_same_results(local: Path, other: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, decisive_checkpoint):  # noqa: F811
+def folder(tmp_path_factory, decisive_checkpoint):
     work = tmp_path_factory.mktemp("ray")
     images = work / "images"
     make_folder(images)
@@ -102,7 +101,7 @@ def folder(tmp_path_factory, decisive_checkpoint):  # noqa: F811
     return work, images, local
 
 
-def test_ray_gives_the_local_engines_results(folder, decisive_checkpoint):  # noqa: F811
+def test_ray_gives_the_local_engines_results(folder, decisive_checkpoint):
     work, images, local = folder
     out = work / "ray"
     started = time.monotonic()
@@ -142,7 +141,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_killed_ray_run_resumes(folder, decisive_checkpoint):  # noqa: F811
+def test_killed_ray_run_resumes(folder, decisive_checkpoint):
     """kill -9 of the Ray driver once some images are recorded; the same command again finishes the rest."""
     work, images, local = folder
     out = work / "ray_killed"

@@ -24,7 +24,6 @@ from PIL import Image
 import infer
 import listing
 from conftest import ROOT, run_script, save_image
-from test_infer_robustness import decisive_checkpoint  # noqa: F401 -- a fixture
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 N_IMAGES = 500
@@ -76,7 +75,7 @@ def overlays(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, decisive_checkpoint):  # noqa: F811
+def runs(tmp_path_factory, decisive_checkpoint):
     """N_IMAGES images through a clean run, and a copy of an output folder whose run was killed with
     SIGKILL after some images were recorded (each test resumes its own copy)."""
     work = tmp_path_factory.mktemp("resume")
@@ -99,7 +98,7 @@ def resume_copy(runs, name: str) -> Path:
     return target
 
 
-def test_sigkill_then_rerun_gives_the_clean_bytes(runs, decisive_checkpoint):  # noqa: F811
+def test_sigkill_then_rerun_gives_the_clean_bytes(runs, decisive_checkpoint):
     work, images, clean, _, lines = runs
     out = resume_copy(runs, "resumed")
     # a half-written overlay, as kill -9 leaves it: never trusted, removed on resume
@@ -126,7 +125,7 @@ def test_sigkill_then_rerun_gives_the_clean_bytes(runs, decisive_checkpoint):  #
     assert f"<b>{N_IMAGES + 1}</b><span>images</span>" in page
 
 
-def test_changed_threshold_or_model_starts_over(runs, decisive_checkpoint, tiny_checkpoint):  # noqa: F811
+def test_changed_threshold_or_model_starts_over(runs, decisive_checkpoint, tiny_checkpoint):
     work, images, clean, _, _ = runs
     out = resume_copy(runs, "threshold")
     result = run_script("infer.py", *infer_args(images, out, decisive_checkpoint, "--threshold", "0.4"), env=ENV,
@@ -148,7 +147,7 @@ def test_changed_threshold_or_model_starts_over(runs, decisive_checkpoint, tiny_
     assert "done by an earlier run" not in result.stdout
 
 
-def test_restart_starts_over(runs, decisive_checkpoint):  # noqa: F811
+def test_restart_starts_over(runs, decisive_checkpoint):
     work, images, clean, _, _ = runs
     out = resume_copy(runs, "restart")
     result = run_script("infer.py", *infer_args(images, out, decisive_checkpoint, "--restart"), env=ENV, timeout=300)

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, save_image, synthetic_image
+from conftest import random_model_with_spread, run_script, save_image
 
 import dataset
 from evaluate import select_samples
-from model import build_model, load_checkpoint, predict_probabilities, save_checkpoint
+from model import load_checkpoint, predict_probabilities, save_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -62,23 +62,10 @@ def assert_labels_follow(rows: list[dict], threshold: float) -> None:
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def spread_model(tmp_path_factory):
-    """A random per-image-normalised model whose probabilities differ between images (the idea of
-    decisive_checkpoint in test_infer_robustness.py): BatchNorm statistics from one pass in train mode over
-    synthetic images, and a wider head. Plus a folder of synthetic images to classify."""
+    """A random per-image-normalised model whose probabilities differ between images, and a folder of
+    synthetic images to classify."""
     work = tmp_path_factory.mktemp("threshold_infer")
-    with torch.random.fork_rng():
-        torch.manual_seed(11)
-        net, init = build_model("none")
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.momentum = None
-                module.reset_running_stats()
-        batch = np.stack([np.repeat(synthetic_image(kind, 64, seed)[..., None], 3, axis=2)
-                          for seed in range(6) for kind in ("plain", "scratch")])
-        with torch.no_grad():
-            net.train()(dataset.normalize(batch, "per-image"))
-        net.eval()
-        torch.nn.init.normal_(net.classifier[1].weight, std=0.5)
+    net, init = random_model_with_spread(11, "per-image")
     images = work / "images"
     for i in range(10):
         save_image(images / f"img_{i:02d}.png", "scratch" if i % 2 else "plain", 64, seed=200 + i)

@@ -368,7 +368,7 @@ def test_pending_overlay_bytes_are_bounded():
     import threading
     import time
 
-    from infer import Budget
+    from local_engine import Budget
 
     budget, taken = Budget(100), []
     budget.take(60)
