@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,25 @@ def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess
     """Run one of the project's scripts as a user would: a separate process, output captured."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def kill9_when(proc: subprocess.Popen, ready, timeout: float, what: str, watch=lambda: None) -> None:
+    """kill -9 `proc` as soon as ready() is true (watch() runs on every look); fails if it ends first or
+    `timeout` passes. Never leaves it running."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the run ended before it was killed ({what})"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            watch()
+            time.sleep(0.02)
+        watch()
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def synthetic_image(kind: str = "plain", size: int = 64, seed: int = 0) -> np.ndarray:

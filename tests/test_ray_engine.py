@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_script, save_image
+from conftest import ROOT, kill9_when, run_script, save_image
 
 try:
     import ray  # noqa: F401
@@ -149,20 +149,10 @@ def test_killed_ray_run_resumes(folder, decisive_checkpoint):
                *map(str, ray_args())]
     proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tree: set[int] = set()
-    deadline = time.monotonic() + RAY_TIMEOUT
     try:
-        while not any(p.stat().st_size for p in (out / ".journal").glob("seg-*.log")):
-            assert proc.poll() is None, "the Ray run ended before it was killed"
-            assert time.monotonic() < deadline, "timed out waiting for the first journal records"
-            tree |= descendants(proc.pid)
-            time.sleep(0.02)
-        tree |= descendants(proc.pid)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        kill9_when(proc, lambda: any(p.stat().st_size for p in (out / ".journal").glob("seg-*.log")), RAY_TIMEOUT,
+                   "the first journal records", watch=lambda: tree.update(descendants(proc.pid)))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         # the local instance dies with its driver, but two agents linger for up to a minute: after a few
         # seconds, whatever of it is still there is ended here (only the processes of this run's tree)
         end = time.monotonic() + 5

@@ -10,10 +10,8 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from PIL import Image
 
 import infer
 import listing
-from conftest import ROOT, run_script, save_image
+from conftest import ROOT, kill9_when, run_script, save_image
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 N_IMAGES = 500
@@ -53,21 +51,13 @@ def journal_lines(out: Path) -> int:
 
 def kill_when_recorded(command: list[str], out: Path, at_least: int, timeout: float = 240) -> int:
     """Start `command`; once `at_least` images are durably in its journal, kill -9 it. -> journal lines then."""
-    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while (lines := journal_lines(out)) < at_least:
-            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "timed out waiting for journal records"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    return lines
+    log = out.with_name(out.name + ".stderr")
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        seen = []
+        kill9_when(proc, lambda: seen.append(journal_lines(out)) or seen[-1] >= at_least, timeout,
+                   f"{at_least} journal records (its stderr: {log})")
+    return seen[-1]
 
 
 def overlays(out: Path) -> dict[str, bytes]:
