@@ -71,3 +71,15 @@ def magnify(image: np.ndarray, factor: float, center: tuple[float, float] = (0.5
     left = round((width - crop_w) * center[0])
     window = image[top:top + crop_h, left:left + crop_w]
     return cv2.resize(window, (width, height), interpolation=cv2.INTER_LINEAR).reshape(image.shape)
+
+
+def scratch_marks(image: np.ndarray, boxes, sigma: float = 6.0, margin: int = 4, feather: float = 2.0) -> np.ndarray:
+    """A scratch's own marks, to add onto another surface: the grey image minus its Gaussian blur of `sigma`
+    px (the local contrast of the line, not the brightness or texture of the plate it was on), inside its
+    boxes (x0, y0, x1, y1) grown by `margin` px, with edges feathered over `feather` px. float32, H x W."""
+    grey = image.astype(np.float32)
+    high_pass = grey - cv2.GaussianBlur(grey, (0, 0), sigma)
+    mask = np.zeros_like(grey)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(0, y0 - margin):y1 + margin, max(0, x0 - margin):x1 + margin] = 1.0
+    return high_pass * cv2.GaussianBlur(mask, (0, 0), feather)

@@ -3,7 +3,7 @@
     python train.py                       # 5 epochs on CPU, defaults below
     python train.py --data-dir ~/NEU-DET --epochs 5 --device auto
 
-Data are decoded once into memory; the best validation epoch is kept; the decision threshold is chosen
+Data are decoded once into memory; the last epoch is kept; the decision threshold is chosen
 on the validation split (rule: `choose_threshold`); the held-out test images are copied to test_images/.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import dataset
 import perturb
-from evaluate import binary_metrics
+from evaluate import binary_metrics, find_annotations, read_boxes
 from model import build_model, pick_device, predict_probabilities, save_checkpoint
 from runtime import UserError, ensure_writable_dir, run_main, write_csv
 
@@ -34,11 +34,11 @@ DEFAULTS = dict(
     weight_decay=0.05,
     image_size=dataset.NATIVE_SIZE,  # NEU's own 200 x 200: no resampling, a 1-pixel scratch stays 1 pixel
     normalization="per-image",
-    augment="dihedral,camera,zoom",
+    augment="dihedral,camera,zoom,transplant",
     seed=0,
     pretrained="auto",
 )
-AUGMENTATIONS = ("flips", "dihedral", "camera", "zoom")
+AUGMENTATIONS = ("flips", "dihedral", "camera", "zoom", "transplant")
 # Random camera changes ("camera" in --augment): each applied to an image with probability p, its parameter
 # drawn uniformly from the range (log-uniformly for factors). Wider than any one line's drift, so the model
 # learns that brightness, focus, noise and compression do not make a scratch.
@@ -51,6 +51,11 @@ CAMERA = dict(
     jpeg=dict(p=0.25, quality=(20, 95)),
 )
 ZOOM = dict(p=0.3, factor=(1.0, 1.7))  # "zoom": a closer camera, the window anywhere in the image
+# "transplant": a non-scratch training image, with probability p, gets the marks of a random training scratch
+# (perturb.scratch_marks, inside its annotated boxes) in a random orientation and strength, and becomes a
+# scratch. Every NEU image holds one class, so without it a model can learn "the scratch class's plate" rather
+# than "a line on any plate", and miss a scratch on crazing or patches (bench/README.md, large frames).
+TRANSPLANT = dict(p=0.2, strength=(0.6, 1.4))
 
 
 def parse_args(argv=None):
@@ -140,6 +145,37 @@ def augment(batch: torch.Tensor, generator: torch.Generator, kinds=AUGMENTATIONS
     return torch.from_numpy(np.stack(out))
 
 
+def scratch_mark_bank(samples, pixels: np.ndarray, annotations: dict) -> torch.Tensor | None:
+    """float32 (M, S, S): the marks of every training scratch that has boxes, at the model's input size
+    (boxes scaled from the annotated size). None when no scratch has boxes: transplant is then skipped."""
+    marks = []
+    for sample, image in zip(samples, pixels):
+        xml = annotations.get(Path(sample.relpath).stem)
+        if sample.label != 1 or xml is None:
+            continue
+        (width, height), boxes = read_boxes(xml)
+        sx, sy = image.shape[1] / width, image.shape[0] / height
+        boxes = [(round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)) for x0, y0, x1, y1 in boxes]
+        marks.append(perturb.scratch_marks(image[..., 0], boxes))
+    return torch.from_numpy(np.stack(marks)) if marks else None
+
+
+def transplant(batch: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor, generator: torch.Generator):
+    """TRANSPLANT on a uint8 (N, S, S, 3) batch: -> (new batch, new labels). Scratch images are untouched."""
+    draws = torch.rand(len(batch), 3, generator=generator, dtype=torch.float64).tolist()
+    picks = torch.randint(0, len(marks), (len(batch),), generator=generator).tolist()
+    images, targets = batch.clone(), targets.clone()
+    for i, (draw, pick) in enumerate(zip(draws, picks)):
+        if targets[i] == 1 or draw[0] >= TRANSPLANT["p"]:
+            continue
+        mark = perturb.dihedral(marks[pick].numpy(), int(draw[1] * 8))
+        strength = _uniform(*TRANSPLANT["strength"], draw[2], log=True)
+        planted = images[i].numpy().astype(np.float32) + strength * mark[..., None]
+        images[i] = torch.from_numpy(np.clip(np.rint(planted), 0, 255).astype(np.uint8))
+        targets[i] = 1
+    return images, targets
+
+
 def one_cycle(total_steps: int, warmup: float = 0.1, start: float = 0.04):
     """Learning-rate factor per step: linear warm-up from `start` to 1 over the first `warmup` of training,
     then cosine down to 0. Written out because OneCycleLR divides by zero on very short runs."""
@@ -161,15 +197,19 @@ def batch_indices(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
-def train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator, device, epoch):
-    """One pass over the training pixels in a seeded random order; returns (mean loss, accuracy)."""
+def train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator, device, epoch, marks=None):
+    """One pass over the training pixels in a seeded random order; returns (mean loss, accuracy).
+    marks: scratch_mark_bank's, for "transplant" (None: off)."""
     model.train()
     batches = batch_indices(torch.randperm(len(labels), generator=generator), args.batch_size)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, file=sys.stdout)
     for index in bar:
-        images = dataset.normalize(augment(pixels[index], generator, args.augment), args.normalization).to(device)
-        targets = labels[index].to(device)
+        images, targets = pixels[index], labels[index]
+        if marks is not None:
+            images, targets = transplant(images, targets, marks, generator)
+        images = dataset.normalize(augment(images, generator, args.augment), args.normalization).to(device)
+        targets = targets.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, targets)
         if not torch.isfinite(loss):
@@ -266,7 +306,8 @@ def main(argv=None) -> int:
     ensure_writable_dir(output.parent if str(output.parent) else Path("."), "the checkpoint folder")
     reports = ensure_writable_dir(args.reports, "the reports folder")
 
-    samples, layout = dataset.find_samples(dataset.resolve_data_dir(args.data_dir))
+    data_dir = dataset.resolve_data_dir(args.data_dir)
+    samples, layout = dataset.find_samples(data_dir)
     samples = dataset.first_per_class(samples, args.max_per_class)
     splits = dataset.split_samples(samples, args.seed)
     dataset.write_splits_csv(splits, reports / "splits.csv")
@@ -283,6 +324,12 @@ def main(argv=None) -> int:
     pixels = {name: torch.from_numpy(dataset.load_pixels(items, args.image_size)) for name, items in splits.items()}
     labels = {name: torch.from_numpy(dataset.labels_of(items)) for name, items in splits.items()}
 
+    marks = None
+    if "transplant" in args.augment:
+        marks = scratch_mark_bank(splits["train"], pixels["train"].numpy(), find_annotations(data_dir))
+        print(f"transplant: marks of {0 if marks is None else len(marks)} annotated training scratches"
+              + ("" if marks is not None else " (no boxes found: skipped)"))
+
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(batch_indices(torch.arange(len(labels["train"])), args.batch_size))
@@ -292,7 +339,7 @@ def main(argv=None) -> int:
     for epoch in range(1, args.epochs + 1):
         epoch_start = time.time()
         train_loss, train_acc = train_one_epoch(model, pixels["train"], labels["train"], optimizer, scheduler,
-                                                args, generator, device, epoch)
+                                                args, generator, device, epoch, marks)
         val_prob = predict_probabilities(model, pixels["val"], args.normalization, 2 * args.batch_size, device)
         val = binary_metrics(val_prob, labels["val"], 0.5)
         row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val["loss"],

@@ -51,6 +51,9 @@ from PIL import Image
 
 from common import ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, run_child
 
+sys.path.insert(0, str(ROOT))
+import perturb  # noqa: E402  (numpy and OpenCV only: this process stays light)
+
 # This process stays light (no torch): a child's peak RSS (ru_maxrss) starts from its parent's at the fork.
 # The frames are built by a child of their own (--build-worker), which reads the checkpoint and the split.
 NATIVE = 200                                         # dataset.NATIVE_SIZE: infer.py's default tile
@@ -126,12 +129,8 @@ def continuous_background(source: np.ndarray, height: int, width: int, method: s
 
 def plant(frame: np.ndarray, scratch: np.ndarray, boxes, x: int, y: int) -> list[tuple[int, int, int, int]]:
     """Add the scratch's high-pass inside its boxes at (x, y); -> its boxes in frame coordinates."""
-    high_pass = scratch - cv2.GaussianBlur(scratch, (0, 0), HIGH_PASS_SIGMA)
-    mask = np.zeros_like(scratch)
-    for x0, y0, x1, y1 in boxes:
-        mask[max(0, y0 - BOX_MARGIN):y1 + BOX_MARGIN, max(0, x0 - BOX_MARGIN):x1 + BOX_MARGIN] = 1.0
-    mask = cv2.GaussianBlur(mask, (0, 0), 2.0)
-    frame[y:y + scratch.shape[0], x:x + scratch.shape[1]] += high_pass * mask
+    frame[y:y + scratch.shape[0], x:x + scratch.shape[1]] += perturb.scratch_marks(scratch, boxes, HIGH_PASS_SIGMA,
+                                                                                 BOX_MARGIN)
     return [(x + x0, y + y0, x + x1, y + y1) for x0, y0, x1, y1 in boxes]
 
 
@@ -260,7 +259,6 @@ def build_speed_inputs(sources: Sources, samples, work: Path, n_small: int, n_di
 
 def build_worker(args) -> int:
     """The child that reads the checkpoint and the test split and writes the frames and build.json."""
-    sys.path.insert(0, str(ROOT))
     from evaluate import find_annotations, select_samples
     from model import load_checkpoint
 

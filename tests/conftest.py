@@ -45,6 +45,18 @@ def kill9_when(proc: subprocess.Popen, ready, timeout: float, what: str, watch=l
             proc.wait()
 
 
+VOC = """<annotation><size><width>{w}</width><height>{h}</height><depth>1</depth></size>
+{objects}</annotation>"""
+VOC_OBJECT = ("<object><name>scratches</name><difficult>0</difficult><bndbox><xmin>{}</xmin><ymin>{}</ymin>"
+              "<xmax>{}</xmax><ymax>{}</ymax></bndbox></object>")
+
+
+def write_voc(path: Path, size: tuple[int, int], boxes) -> Path:
+    """A Pascal VOC annotation as NEU-DET's: size (width, height), boxes 1-based inclusive (x0, y0, x1, y1)."""
+    path.write_text(VOC.format(w=size[0], h=size[1], objects="".join(VOC_OBJECT.format(*b) for b in boxes)))
+    return path
+
+
 def synthetic_image(kind: str = "plain", size: int = 64, seed: int = 0) -> np.ndarray:
     """A grey steel-like texture; kind='scratch' adds a bright vertical line. uint8 HxW."""
     rng = np.random.default_rng(seed)

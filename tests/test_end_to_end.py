@@ -25,6 +25,7 @@ def train(neu_dir: Path, work: Path) -> Path:
     result = run_script("train.py", "--data-dir", neu_dir, "--output", work / "model.pth",
                         "--reports", work / "outputs", "--test-images", work / "test_images", *TRAIN_ARGS)
     assert result.returncode == 0, result.stderr
+    (work / "train.log").write_text(result.stdout)
     return work
 
 
@@ -57,6 +58,10 @@ def test_checkpoint_metadata(run, neu_dir):
     assert {k: meta["split"][f"n_{k}"] for k in dataset.SPLITS} == {k: len(v) for k, v in splits.items()}
     assert meta["torch_version"] == str(torch.__version__)
     assert set(meta["val_metrics"]) >= {"accuracy", "recall", "loss", "threshold"}
+    assert meta["hyperparameters"]["augment"] == ["dihedral", "camera", "zoom", "transplant"]
+    # the transplant augmentation found the boxes of every training scratch (NEU-DET names them by image)
+    n_scratches = sum(s.label for s in splits["train"])
+    assert f"transplant: marks of {n_scratches} annotated training scratches" in (work / "train.log").read_text()
 
 
 def test_reports_written(run):

@@ -4,23 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_voc
 from torch import nn
 
 from evaluate import (binary_metrics, box_mask, energy_in_box, localization_scores, pointing_hit, read_boxes,
                       roc_auc)
 from gradcam import METHODS
 from train import choose_threshold
-
-VOC = """<annotation><size><width>{w}</width><height>{h}</height><depth>1</depth></size>
-{objects}</annotation>"""
-OBJECT = ("<object><name>scratches</name><difficult>0</difficult><bndbox><xmin>{}</xmin><ymin>{}</ymin>"
-          "<xmax>{}</xmax><ymax>{}</ymax></bndbox></object>")
-
-
-def write_voc(path, size, boxes):
-    path.write_text(VOC.format(w=size[0], h=size[1], objects="".join(OBJECT.format(*b) for b in boxes)))
-    return path
-
 
 def test_voc_boxes_are_one_based_inclusive(tmp_path):
     size, boxes = read_boxes(write_voc(tmp_path / "a.xml", (200, 100), [(1, 1, 10, 5), (191, 91, 200, 100)]))

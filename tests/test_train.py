@@ -1,4 +1,5 @@
-"""train.py's pieces: the augmentation, the learning-rate schedule, and keeping the best validation epoch."""
+"""train.py's pieces: the augmentation (symmetries, camera, zoom, transplant), the learning-rate schedule, and
+keeping the last epoch."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, synthetic_image
+from conftest import run_script, synthetic_image, write_voc
 
 import dataset
 import perturb
@@ -198,3 +199,68 @@ def test_last_epoch_is_the_one_kept(trained, neu_dir, one_torch_thread):
     again = binary_metrics(probabilities, dataset.labels_of(samples), meta["threshold"])
     assert again["confusion_matrix"] == meta["val_metrics"]["confusion_matrix"]
     assert meta["val_metrics"]["threshold"] == meta["threshold"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transplant: a scratch's marks onto a non-scratch image, which then counts as a scratch
+# ---------------------------------------------------------------------------------------------------------
+def test_scratch_marks_are_the_lines_local_contrast_inside_its_boxes_only():
+    image = np.full((80, 80), 100, np.uint8)
+    image[10:60, 30] = 180          # the scratch, inside its box
+    image[40:44, 70:74] = 20        # a dark spot outside every box
+    marks = perturb.scratch_marks(image, [(28, 10, 33, 60)])
+    assert marks.dtype == np.float32 and marks.shape == image.shape
+    assert marks[35, 30] > 40                                   # the line stands out...
+    assert abs(marks[35, 20]) < 8 and abs(marks[35, 40]) < 8    # ...its plate does not come along
+    assert np.abs(marks[:, 60:]).max() < 1e-3                   # nothing outside the box (+ margin, feather)
+    assert np.abs(perturb.scratch_marks(np.full((40, 40), 77, np.uint8), [(0, 0, 40, 40)])).max() < 1e-3
+
+
+def test_transplant_makes_scratches_of_some_clean_images_and_leaves_the_rest_alone():
+    rng = np.random.default_rng(0)
+    n = 96
+    grey = rng.integers(90, 160, (n, 16, 16, 1), dtype=np.uint8)
+    batch = torch.from_numpy(np.repeat(grey, 3, axis=3))  # NEU images are grey: three equal channels
+    labels = torch.tensor([i % 2 for i in range(n)])            # half scratches, half not
+    marks = torch.from_numpy(rng.uniform(-30, 30, (3, 16, 16)).astype(np.float32))
+    before = batch.clone(), labels.clone()
+    out, out_labels = train.transplant(batch, labels, marks, torch.Generator().manual_seed(3))
+    again = train.transplant(batch, labels, marks, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again[0]) and torch.equal(out_labels, again[1])   # a seed gives the same batch
+    assert torch.equal(batch, before[0]) and torch.equal(labels, before[1])   # the inputs are not changed
+
+    changed = [i for i in range(n) if not torch.equal(out[i], batch[i])]
+    assert all(labels[i] == 0 for i in changed), "a scratch image is never changed"
+    assert torch.equal(out_labels, torch.tensor([int(labels[i] == 1 or i in changed) for i in range(n)]))
+    assert 2 <= len(changed) <= 20  # p = 0.2 of 48 clean images: about 10
+    lo, hi = train.TRANSPLANT["strength"]
+    for i in changed:
+        added = out[i].numpy().astype(np.float32)[..., 0] - batch[i].numpy().astype(np.float32)[..., 0]
+        assert all(np.array_equal(out[i][..., 0], out[i][..., c]) for c in (1, 2))
+        fits = []  # which mark, in which orientation, at which strength, explains the added pixels?
+        for mark in marks.numpy():
+            for k in range(8):
+                turned = perturb.dihedral(mark, k)
+                strength = float((added * turned).sum() / (turned * turned).sum())
+                if np.abs(added - strength * turned).max() <= 0.6:  # rounding to uint8, strength fitted
+                    fits.append(strength)
+        assert len(fits) == 1 and lo - 0.01 <= fits[0] <= hi + 0.01, (i, fits)
+
+
+def test_scratch_mark_bank_takes_annotated_scratches_with_boxes_at_the_input_size(tmp_path):
+    """Boxes annotated on a 200 px image mark the same place in 100 px pixels; non-scratches and scratches
+    without boxes give no marks."""
+    def sample(name, neu_class):
+        return dataset.Sample(tmp_path / f"{name}.jpg", f"{name}.jpg", neu_class)
+
+    image = np.full((100, 100, 3), 100, np.uint8)
+    image[:, 15] = 200   # the annotated scratch: x 28..34 of 200 -> 14..17 of 100
+    image[:, 60] = 200   # an unannotated line
+    write_voc(tmp_path / "scratches_1.xml", (200, 200), [(29, 1, 34, 200)])
+    write_voc(tmp_path / "crazing_1.xml", (200, 200), [(1, 1, 200, 200)])
+    samples = [sample("scratches_1", "scratches"), sample("crazing_1", "crazing"), sample("scratches_2", "scratches")]
+    annotations = {"scratches_1": tmp_path / "scratches_1.xml", "crazing_1": tmp_path / "crazing_1.xml"}
+    bank = train.scratch_mark_bank(samples, np.stack([image] * 3), annotations)
+    assert bank.shape == (1, 100, 100)
+    assert bank[0, 50, 15] > 40 and bank[0, :, 40:].abs().max() < 1e-3
+    assert train.scratch_mark_bank(samples[1:], np.stack([image] * 2), annotations) is None
