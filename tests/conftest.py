@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,19 @@ def write_voc(path: Path, size: tuple[int, int], boxes) -> Path:
     """A Pascal VOC annotation as NEU-DET's: size (width, height), boxes 1-based inclusive (x0, y0, x1, y1)."""
     path.write_text(VOC.format(w=size[0], h=size[1], objects="".join(VOC_OBJECT.format(*b) for b in boxes)))
     return path
+
+
+def assert_memory_flat(peaks: dict[int, int], held_rows) -> None:
+    """peaks: tracemalloc peaks of the same work on 5,000 and 50,000 items. They must stay about the same, and
+    far below what holding 50,000 rows (held_rows(50_000), lists as a naive version would keep) costs."""
+    tracemalloc.start()
+    held = held_rows(50_000)
+    rows_50k = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del held
+    print(f"peaks {peaks}; 50k rows held as lists: {rows_50k}")
+    assert peaks[50_000] < peaks[5_000] * 1.25 + 200_000, peaks
+    assert peaks[50_000] < rows_50k / 4, (peaks, rows_50k)
 
 
 def synthetic_image(kind: str = "plain", size: int = 64, seed: int = 0) -> np.ndarray:

@@ -21,7 +21,7 @@ from PIL import Image
 
 import infer
 import listing
-from conftest import ROOT, kill9_when, run_script, save_image
+from conftest import ROOT, assert_memory_flat, kill9_when, run_script, save_image
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 N_IMAGES = 500
@@ -75,8 +75,8 @@ def runs(tmp_path_factory, decisive_checkpoint):
     result = run_script("infer.py", *infer_args(images, clean, decisive_checkpoint), env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr
     killed = work / "killed"
-    lines = kill_when_recorded([sys.executable, str(ROOT / "infer.py"), *infer_args(images, killed, decisive_checkpoint)],
-                               killed, at_least=50)
+    command = [sys.executable, str(ROOT / "infer.py"), *infer_args(images, killed, decisive_checkpoint)]
+    lines = kill_when_recorded(command, killed, at_least=50)
     assert not (killed / "predictions.csv").exists()
     return work, images, clean, killed, lines
 
@@ -209,14 +209,7 @@ def test_sorted_records_memory_stays_flat(tmp_path, monkeypatch):
         tracemalloc.stop()
         assert result.count == n
         result.close()
-    tracemalloc.start()
-    held = [[f"cam{i % 9}/2026-11-{i % 30:02d}/frame_{i:09d}.png", "x"] for i in range(50_000)]
-    rows_50k = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    del held
-    print(f"peaks {peaks}; 50k records held as lists: {rows_50k}")
-    assert peaks[50_000] < peaks[5_000] * 1.25 + 200_000, peaks
-    assert peaks[50_000] < rows_50k / 4, (peaks, rows_50k)
+    assert_memory_flat(peaks, lambda n: [[f"cam{i % 9}/2026-11-{i % 30:02d}/frame_{i:09d}.png", "x"] for i in range(n)])
 
 
 def test_record_file_keeps_any_name(tmp_path):
