@@ -10,8 +10,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,10 +24,71 @@ class ChildRun:
     peak_rss_mib: float  # the child's own high-water RSS (kernel ru_maxrss), not ours
     returncode: int
     log: Path            # its stdout + stderr
+    rss_timeline: list[tuple[float, float]] = field(default_factory=list)  # (s, MiB), with sample_every > 0
 
 
-def run_child(command: list[str], log: Path, env: dict | None = None) -> ChildRun:
-    """Run `command` in the repo root, stdout+stderr to `log`; return wall time and the child's peak RSS.
+def tree(pid: int) -> list[int]:
+    """pid and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of one process in KiB; (0, 0) once it is gone."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return rss, pss
+
+
+class TreeSampler(threading.Thread):
+    """Peak of the summed RSS and PSS of a process tree, sampled every `interval` s; timeline: (s since the
+    start, summed RSS KiB) of every sample."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak_rss = self.peak_pss = 0
+        self.peak_processes = 0
+        self.timeline: list[tuple[float, int]] = []
+        self.finished = threading.Event()
+
+    def run(self):
+        start = time.perf_counter()
+        while not self.finished.is_set():
+            pids = tree(self.pid)
+            sizes = [memory_kib(pid) for pid in pids]
+            self.timeline.append((time.perf_counter() - start, sum(r for r, _ in sizes)))
+            self.peak_rss = max(self.peak_rss, sum(r for r, _ in sizes))
+            self.peak_pss = max(self.peak_pss, sum(p for _, p in sizes))
+            self.peak_processes = max(self.peak_processes, sum(1 for r, _ in sizes if r))
+            self.finished.wait(self.interval)
+
+
+
+def run_child(command: list[str], log: Path, env: dict | None = None, sample_every: float = 0.0) -> ChildRun:
+    """Run `command` in the repo root, stdout+stderr to `log`; return wall time and the child's peak RSS, and
+    with sample_every > 0 its RSS every that many seconds (does memory grow during the run, or only peak once?).
 
     os.wait4 gives the rusage of exactly this child. getrusage(RUSAGE_CHILDREN) would give the maximum over
     every child reaped so far, which is useless once we alternate two programs.
@@ -34,15 +96,23 @@ def run_child(command: list[str], log: Path, env: dict | None = None) -> ChildRu
     with open(log, "w") as handle:
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        sampler = TreeSampler(child.pid, sample_every) if sample_every > 0 else None
+        if sampler:
+            sampler.start()
         try:
             _, status, usage = os.wait4(child.pid, 0)
         except BaseException:  # Ctrl-C: do not leave the child running
             child.kill()
             child.wait()
             raise
+        finally:
+            if sampler:
+                sampler.finished.set()
+                sampler.join()
         wall = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
-    return ChildRun(wall, usage.ru_maxrss / 1024, child.returncode, log)  # ru_maxrss is KiB on Linux
+    timeline = [(s, kib / 1024) for s, kib in sampler.timeline] if sampler else []
+    return ChildRun(wall, usage.ru_maxrss / 1024, child.returncode, log, timeline)  # ru_maxrss is KiB on Linux
 
 
 def check(run: ChildRun, what: str) -> None:

@@ -28,66 +28,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from common import ROOT, default_data_dir, load_average, machine_lines, markdown_table
+from common import ROOT, TreeSampler, default_data_dir, load_average, machine_lines, markdown_table, tree
 from infer_speed import build_inputs, neu_images
-
-
-def tree(pid: int) -> list[int]:
-    """pid and every process below it."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [pid], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of one process in KiB; (0, 0) once it is gone."""
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return rss, pss
-
-
-class TreeSampler(threading.Thread):
-    """Peak of the summed RSS and PSS of a process tree, sampled every `interval` s."""
-
-    def __init__(self, pid: int, interval: float = 0.5):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.peak_rss = self.peak_pss = 0
-        self.peak_processes = 0
-        self.finished = threading.Event()
-
-    def run(self):
-        while not self.finished.is_set():
-            pids = tree(self.pid)
-            sizes = [memory_kib(pid) for pid in pids]
-            self.peak_rss = max(self.peak_rss, sum(r for r, _ in sizes))
-            self.peak_pss = max(self.peak_pss, sum(p for _, p in sizes))
-            self.peak_processes = max(self.peak_processes, sum(1 for r, _ in sizes if r))
-            self.finished.wait(self.interval)
 
 
 def run_infer(inputs: Path, output: Path, engine: str, log: Path, extra=()) -> dict:

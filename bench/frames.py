@@ -294,9 +294,9 @@ def build(args, work: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Running infer.py and scoring
 # ---------------------------------------------------------------------------------------------------------
-def run_infer(model: Path, inputs: Path, output: Path, log: Path, *extra: str):
+def run_infer(model: Path, inputs: Path, output: Path, log: Path, *extra: str, sample_every: float = 0.0):
     run = run_child([sys.executable, "infer.py", "--input", str(inputs), "--output", str(output),
-                     "--model", str(model), *extra], log)
+                     "--model", str(model), *extra], log, sample_every=sample_every)
     check(run, "infer.py")
     return run
 
@@ -462,6 +462,17 @@ def own_rate(log: Path, unit: str) -> float:
     return float(found[-1]) if found else float("nan")
 
 
+def early_late_rss(timeline: list[tuple[float, float]]) -> str:
+    """Peak RSS in the second and in the last quarter of a run (the first holds the start-up): memory that grows
+    with the frames done shows as a later peak well above the earlier one."""
+    if len(timeline) < 8:
+        return "(run too short)"
+    end = timeline[-1][0]
+    second = max(rss for s, rss in timeline if end / 4 <= s < end / 2)
+    last = max(rss for s, rss in timeline if s >= 3 * end / 4)
+    return f"{second:.0f} / {last:.0f}"
+
+
 def speed_bench(args, model: Path, info: dict, work: Path) -> None:
     """images/s on the test split's 200 x 200 images vs tiles/s on 1000 x 1000 frames; peak RSS of one
     20000 x 2000 strip and of folders of few and many large frames (symlinks to --distinct frames)."""
@@ -474,7 +485,7 @@ def speed_bench(args, model: Path, info: dict, work: Path) -> None:
             ("one strip 20000x2000", work / "strip", 1, 1729)):
         output = work / "out"
         print(f"infer.py on {name} ...", flush=True)
-        run = run_infer(model, folder, output, work / f"speed_{len(runs)}.log", *args.infer_args)
+        run = run_infer(model, folder, output, work / f"speed_{len(runs)}.log", *args.infer_args, sample_every=1.0)
         rows = read_rows(output / "predictions.csv")
         if len(rows) != n or sum(int(r["tiles"] or 0) for r in rows) != tiles or any(r["status"] != "ok" for r in rows):
             sys.exit(f"infer.py did not do the full job on {name}: {len(rows)} rows")
@@ -486,7 +497,7 @@ def speed_bench(args, model: Path, info: dict, work: Path) -> None:
             hit = any(touches(d, b) for d in found for s in strip_truth.scratches for b in s)
             note = f"{len(found)} detections, the planted scratch {'found' if hit else 'MISSED'}"
         runs.append([name, tiles, f"{run.wall_s:.0f}", f"{tiles / run.wall_s:.1f}", f"{own_rate(run.log, unit):.1f}",
-                     f"{run.peak_rss_mib:.0f}", note])
+                     f"{run.peak_rss_mib:.0f}", early_late_rss(run.rss_timeline), note])
         shutil.rmtree(output)
     meta = info["model"]
     print(f"\n## Tiled inference: throughput and memory ({model.name}, image size {meta['image_size']})\n")
@@ -496,7 +507,7 @@ def speed_bench(args, model: Path, info: dict, work: Path) -> None:
           f"small images; 'own' = the rate infer.py prints, timed after its imports (model load included); frames "
           f"folders are symlinks to {args.distinct} distinct frames\n")
     print(markdown_table(["input", "model inputs", "wall s", "inputs/s (wall)", "inputs/s (own)", "peak RSS MiB",
-                          "note"], runs))
+                          "peak RSS MiB, 2nd / last quarter of the run", "note"], runs))
 
 
 # ---------------------------------------------------------------------------------------------------------
