@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ class ChildRun:
     peak_rss_mib: float  # the child's own high-water RSS (kernel ru_maxrss), not ours
     returncode: int
     log: Path            # its stdout + stderr
-    rss_timeline: list[tuple[float, float]] = field(default_factory=list)  # (s, MiB), with sample_every > 0
+    sampled: TreeSampler | None = None  # its process tree's memory through the run, with sample_every > 0
 
 
 def tree(pid: int) -> list[int]:
@@ -111,8 +111,7 @@ def run_child(command: list[str], log: Path, env: dict | None = None, sample_eve
                 sampler.join()
         wall = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
-    timeline = [(s, kib / 1024) for s, kib in sampler.timeline] if sampler else []
-    return ChildRun(wall, usage.ru_maxrss / 1024, child.returncode, log, timeline)  # ru_maxrss is KiB on Linux
+    return ChildRun(wall, usage.ru_maxrss / 1024, child.returncode, log, sampler)  # ru_maxrss is KiB on Linux
 
 
 def check(run: ChildRun, what: str) -> None:

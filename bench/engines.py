@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, TreeSampler, default_data_dir, load_average, machine_lines, markdown_table, tree
+from common import ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, run_child, tree
 from infer_speed import build_inputs, neu_images
 
 
@@ -39,26 +39,11 @@ def run_infer(inputs: Path, output: Path, engine: str, log: Path, extra=()) -> d
     command = [sys.executable, "infer.py", "--input", str(inputs), "--output", str(output), *extra]
     if engine == "ray":
         command += ["--engine", "ray"]
-    with open(log, "w") as handle:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
-        sampler = TreeSampler(child.pid)
-        sampler.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        except BaseException:
-            child.kill()
-            child.wait()
-            raise
-        wall = time.perf_counter() - start
-        sampler.finished.set()
-        sampler.join()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.exit(f"infer.py ({engine}) failed with {code}; see the end of {log}:\n"
-                 + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
-    return dict(wall_s=wall, own_rss_mib=usage.ru_maxrss / 1024, tree_rss_mib=sampler.peak_rss / 1024,
-                tree_pss_mib=sampler.peak_pss / 1024, processes=sampler.peak_processes)
+    run = run_child(command, log, sample_every=0.5)
+    check(run, f"infer.py ({engine})")
+    tree_memory = run.sampled
+    return dict(wall_s=run.wall_s, own_rss_mib=run.peak_rss_mib, tree_rss_mib=tree_memory.peak_rss / 1024,
+                tree_pss_mib=tree_memory.peak_pss / 1024, processes=tree_memory.peak_processes)
 
 
 def check_outputs(output: Path, n: int) -> None:

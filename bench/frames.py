@@ -462,14 +462,15 @@ def own_rate(log: Path, unit: str) -> float:
     return float(found[-1]) if found else float("nan")
 
 
-def early_late_rss(timeline: list[tuple[float, float]]) -> str:
-    """Peak RSS in the second and in the last quarter of a run (the first holds the start-up): memory that grows
-    with the frames done shows as a later peak well above the earlier one."""
+def early_late_rss(timeline: list[tuple[float, int]]) -> str:
+    """Peak RSS (MiB) in the second and in the last quarter of a run (the first holds the start-up), from a
+    TreeSampler's (s, KiB) timeline: memory that grows with the frames done shows as a later peak well above
+    the earlier one."""
     if len(timeline) < 8:
         return "(run too short)"
     end = timeline[-1][0]
-    second = max(rss for s, rss in timeline if end / 4 <= s < end / 2)
-    last = max(rss for s, rss in timeline if s >= 3 * end / 4)
+    second = max(kib for s, kib in timeline if end / 4 <= s < end / 2) / 1024
+    last = max(kib for s, kib in timeline if s >= 3 * end / 4) / 1024
     return f"{second:.0f} / {last:.0f}"
 
 
@@ -497,7 +498,7 @@ def speed_bench(args, model: Path, info: dict, work: Path) -> None:
             hit = any(touches(d, b) for d in found for s in strip_truth.scratches for b in s)
             note = f"{len(found)} detections, the planted scratch {'found' if hit else 'MISSED'}"
         runs.append([name, tiles, f"{run.wall_s:.0f}", f"{tiles / run.wall_s:.1f}", f"{own_rate(run.log, unit):.1f}",
-                     f"{run.peak_rss_mib:.0f}", early_late_rss(run.rss_timeline), note])
+                     f"{run.peak_rss_mib:.0f}", early_late_rss(run.sampled.timeline), note])
         shutil.rmtree(output)
     meta = info["model"]
     print(f"\n## Tiled inference: throughput and memory ({model.name}, image size {meta['image_size']})\n")
