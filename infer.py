@@ -41,7 +41,7 @@ from pathlib import Path
 import dataset
 import local_engine
 from gradcam import METHODS, OVERLAY_FORMATS, resolve_layer
-from journal import JOURNAL_DIR, RunJournal, file_sha256
+from journal import JOURNAL_DIR, SEGMENT_GLOB, RunJournal, file_sha256
 from listing import Listing, SortedRecords, list_inputs, walk_images
 from model import fold_batchnorm, load_checkpoint, pick_device
 from pipeline import CSV_COLUMNS, DETECTION_COLUMNS, FRAME_OVERLAY_SIDE, HEATMAP_DIR, OVERLAY_DIR, Plan, heatmap_name
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
 
     stride = args.tile_stride or plan.tile - plan.tile // 4 if plan.tile else 0
     tiling = "tiling off" if plan.tile is None else f"images over {plan.tile} px tiled, stride {stride}"
-    unfinished = any((output / JOURNAL_DIR).glob("seg-*.log"))
+    unfinished = any((output / JOURNAL_DIR).glob(SEGMENT_GLOB))
     with RunJournal.open(output, key, restart=args.restart) as journal:
         if unfinished:
             remove_orphan_temp_files(output)

@@ -67,6 +67,7 @@ except (OSError, AttributeError):
     _syncfs = None
 
 JOURNAL_DIR = ".journal"
+SEGMENT_GLOB = "seg-*.log"
 WINDOW = 1024        # lines a reader sorts in memory per segment; the writer splits where that cannot suffice
 MAX_SEGMENTS = 32    # beyond this, segments are merged first, so a reader holds few files and windows
 
@@ -75,6 +76,18 @@ def file_sha256(path: str | Path) -> str:
     """The checkpoint's identity for the run key: its bytes, not its name or date (read streaming)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def lines_on_disk(output_dir: str | Path) -> int:
+    """Result lines in a run's journal segments now, read from outside the run (a bench or a test that kills
+    it part way): the records flushed so far, a record written twice counting twice."""
+    total = 0
+    for segment in (Path(output_dir) / JOURNAL_DIR).glob(SEGMENT_GLOB):
+        try:
+            total += segment.read_bytes().count(b"\n")
+        except OSError:  # merged away while we looked
+            pass
+    return total
 
 
 class RunJournal:
@@ -299,7 +312,7 @@ class RunJournal:
     # reading: segments merged in key order, the newest record of a key winning
 
     def _segment_paths(self) -> list[Path]:
-        return sorted(self.folder.glob("seg-*.log"))
+        return sorted(self.folder.glob(SEGMENT_GLOB))
 
     def _read_segment(self, path: Path) -> Iterator[tuple]:
         """(key, segment number, line number, tables, files) of the valid lines, in key order: the writer

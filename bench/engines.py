@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 from common import ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, run_child, tree
+
+sys.path.insert(0, str(ROOT))
+from journal import lines_on_disk  # noqa: E402  (standard library only: this process stays light)
 from infer_speed import build_inputs, neu_images
 
 
@@ -54,16 +57,6 @@ def check_outputs(output: Path, n: int) -> None:
         sys.exit(f"incomplete: {len(rows)} CSV rows, {overlays} overlays for {n} images")
 
 
-def journal_lines(output: Path) -> int:
-    total = 0
-    for segment in (output / ".journal").glob("seg-*.log"):
-        try:
-            total += segment.read_bytes().count(b"\n")
-        except OSError:
-            pass
-    return total
-
-
 def kill_at(inputs: Path, output: Path, engine: str, fraction: float, n: int, log: Path) -> tuple[float, int]:
     """Start a run, SIGKILL it once `fraction` of the images are in its journal -> (seconds, lines then)."""
     command = [sys.executable, "infer.py", "--input", str(inputs), "--output", str(output)]
@@ -73,7 +66,7 @@ def kill_at(inputs: Path, output: Path, engine: str, fraction: float, n: int, lo
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
         everything = set()
-        while (lines := journal_lines(output)) < fraction * n:
+        while (lines := lines_on_disk(output)) < fraction * n:
             if child.poll() is not None:
                 sys.exit(f"the run ended before the kill; see {log}")
             everything.update(tree(child.pid))
@@ -93,7 +86,6 @@ def kill_at(inputs: Path, output: Path, engine: str, fraction: float, n: int, lo
 
 def driver_parts(n: int, work: Path) -> list[list]:
     """Rates of the driver's serial steps on n synthetic images (empty files: no model, no overlay)."""
-    sys.path.insert(0, str(ROOT))
     import infer
     from journal import RunJournal
     from review import PageWriter

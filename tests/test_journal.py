@@ -82,7 +82,7 @@ def assemble(j: RunJournal, out: Path, keys) -> tuple[bytes, bytes]:
 
 
 def segments(out: Path) -> list[Path]:
-    return sorted((out / journal.JOURNAL_DIR).glob("seg-*.log"))
+    return sorted((out / journal.JOURNAL_DIR).glob(journal.SEGMENT_GLOB))
 
 
 def test_resume_skips_recorded_keys(tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, kill9_when, run_script, save_image
+from journal import JOURNAL_DIR, SEGMENT_GLOB
 
 try:
     import ray  # noqa: F401
@@ -150,7 +151,7 @@ def test_killed_ray_run_resumes(folder, decisive_checkpoint):
     proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tree: set[int] = set()
     try:
-        kill9_when(proc, lambda: any(p.stat().st_size for p in (out / ".journal").glob("seg-*.log")), RAY_TIMEOUT,
+        kill9_when(proc, lambda: any(p.stat().st_size for p in (out / JOURNAL_DIR).glob(SEGMENT_GLOB)), RAY_TIMEOUT,
                    "the first journal records", watch=lambda: tree.update(descendants(proc.pid)))
     finally:
         # the local instance dies with its driver, but two agents linger for up to a minute: after a few

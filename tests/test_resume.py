@@ -21,6 +21,7 @@ from PIL import Image
 
 import infer
 import listing
+from journal import lines_on_disk
 from conftest import ROOT, assert_memory_flat, kill9_when, run_script, save_image
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -39,23 +40,13 @@ def infer_args(images: Path, out: Path, model: Path, *more) -> list[str]:
     return ["--model", str(model), "--input", str(images), "--output", str(out), "--batch-size", "8", *more]
 
 
-def journal_lines(out: Path) -> int:
-    total = 0
-    for segment in (out / ".journal").glob("seg-*.log"):
-        try:
-            total += segment.read_bytes().count(b"\n")
-        except OSError:
-            pass
-    return total
-
-
 def kill_when_recorded(command: list[str], out: Path, at_least: int, timeout: float = 240) -> int:
     """Start `command`; once `at_least` images are durably in its journal, kill -9 it. -> journal lines then."""
     log = out.with_name(out.name + ".stderr")
     with open(log, "w") as stderr:
         proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
         seen = []
-        kill9_when(proc, lambda: seen.append(journal_lines(out)) or seen[-1] >= at_least, timeout,
+        kill9_when(proc, lambda: seen.append(lines_on_disk(out)) or seen[-1] >= at_least, timeout,
                    f"{at_least} journal records (its stderr: {log})")
     return seen[-1]
 
