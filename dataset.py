@@ -384,6 +384,23 @@ def split_samples(samples: list[Sample], seed: int, fractions=SPLIT_FRACTIONS) -
     return {name: sorted(items, key=lambda s: s.relpath) for name, items in result.items()}
 
 
+def cross_validation_fold(splits: dict[str, list[Sample]], fold: int, folds: int, seed: int) -> dict[str, list[Sample]]:
+    """The same test split; train + validation pooled and dealt into `folds` stratified folds, fold `fold`
+    (0-based) becoming the validation split. Byte-identical files stay in one fold, as in split_samples."""
+    if not 0 <= fold < folds or folds < 2:
+        raise ValueError(f"fold must be in 0..{folds - 1} and folds >= 2, not {fold} of {folds}")
+    groups: dict[str, list[Sample]] = {}
+    for sample in sorted(splits["train"] + splits["val"], key=lambda s: s.relpath):
+        groups.setdefault(file_digest(sample.path), []).append(sample)
+    rng = np.random.default_rng([seed, folds])
+    result: dict[str, list[Sample]] = {"train": [], "val": [], "test": list(splits["test"])}
+    for neu_class in NEU_CLASSES:
+        class_groups = [g for g in groups.values() if g[0].neu_class == neu_class]
+        for position, index in enumerate(rng.permutation(len(class_groups))):
+            result["val" if position % folds == fold else "train"].extend(class_groups[index])
+    return {name: sorted(items, key=lambda s: s.relpath) for name, items in result.items()}
+
+
 def split_digest(samples: list[Sample]) -> str:
     """A short fingerprint of a list of samples, so evaluate.py can check it re-derived the same split."""
     return hashlib.sha256("\n".join(s.relpath for s in samples).encode()).hexdigest()[:16]

@@ -169,7 +169,10 @@ def select_samples(data_dir: Path, meta: dict, split: str) -> tuple[list, dict]:
     recorded = meta.get("split") or {}
     limit = int((meta.get("hyperparameters") or {}).get("max_per_class", 0))
     samples = dataset.first_per_class(samples, limit)
-    splits = dataset.split_samples(samples, int(recorded.get("seed", meta.get("seed", 0))))
+    seed = int(recorded.get("seed", meta.get("seed", 0)))
+    splits = dataset.split_samples(samples, seed)
+    if recorded.get("cv_folds"):
+        splits = dataset.cross_validation_fold(splits, int(recorded["cv_fold"]), int(recorded["cv_folds"]), seed)
     if recorded.get("test_digest") and dataset.split_digest(splits["test"]) != recorded["test_digest"]:
         raise UserError(f"the test split re-derived from {data_dir} differs from the one this model was trained "
                         f"with (other data?); for a separate test set use --split all")

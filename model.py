@@ -91,31 +91,55 @@ def _random_init() -> nn.Module:
     return model
 
 
+PRETRAINED_CHOICES = ("auto", "imagenet", "lite0", "none")
+
+
+def _lite0_model() -> tuple[nn.Module, str]:
+    """B0 with the ImageNet-trained Lite0 convolutions (lite0.py), or PretrainedUnavailable."""
+    import lite0
+    try:
+        model = lite0.transplant_lite0(_efficientnet_b0(), lite0.load_lite0_state())
+    except (lite0.Lite0Unavailable, ValueError) as error:
+        raise PretrainedUnavailable(str(error)) from None
+    return _two_way_head(model), f"lite0 (ImageNet EfficientNet-Lite0 convolutions in {ARCH}, {lite0.WEIGHTS_NAME})"
+
+
+def _torchvision_imagenet_model() -> tuple[nn.Module, str]:
+    """torchvision's ImageNet B0 weights (hub cache or download), or PretrainedUnavailable."""
+    state = imagenet_state_dict()
+    model = _efficientnet_b0()
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:  # a cached file of the wrong model
+        raise PretrainedUnavailable(f"{imagenet_cache_file(imagenet_weights())} does not fit {ARCH}: "
+                                    f"{_first_line(error)}") from None
+    return _two_way_head(model), f"imagenet ({ARCH} {imagenet_weights()})"
+
+
 def build_model(pretrained: str = "auto") -> tuple[nn.Module, str]:
     """EfficientNet-B0 with a 2-way head. Returns (model, initialisation actually used).
 
-    pretrained: 'imagenet' (ImageNet weights or PretrainedUnavailable), 'auto' (ImageNet when they can be
-    had, else a loud warning and random init) or 'none' (random init, never tries the network).
+    pretrained: 'imagenet' (torchvision's ImageNet weights), 'lite0' (ImageNet Lite0's convolutions from the
+    pinned package), each PretrainedUnavailable when it cannot be had; 'auto' tries imagenet, then lite0,
+    then falls back to random init with a loud warning; 'none' is random init and never tries the network.
     """
-    if pretrained not in ("auto", "imagenet", "none"):
-        raise ValueError(f"pretrained must be auto, imagenet or none, not {pretrained!r}")
-    if pretrained != "none":
+    if pretrained not in PRETRAINED_CHOICES:
+        raise ValueError(f"pretrained must be one of {', '.join(PRETRAINED_CHOICES)}, not {pretrained!r}")
+    if pretrained == "none":
+        return _random_init(), "none (random init, --pretrained none)"
+    if pretrained == "imagenet":
+        return _torchvision_imagenet_model()
+    if pretrained == "lite0":
+        return _lite0_model()
+    reasons = []
+    for attempt in (_torchvision_imagenet_model, _lite0_model):
         try:
-            state = imagenet_state_dict()
-            model = _efficientnet_b0()
-            try:
-                model.load_state_dict(state)
-            except (RuntimeError, TypeError, AttributeError) as error:  # a cached file of the wrong model
-                raise PretrainedUnavailable(f"{imagenet_cache_file(imagenet_weights())} does not fit {ARCH}: "
-                                            f"{_first_line(error)}") from None
-            return _two_way_head(model), f"imagenet ({ARCH} {imagenet_weights()})"
+            return attempt()
         except PretrainedUnavailable as error:
-            if pretrained == "imagenet":
-                raise
-            print(f"WARNING: ImageNet weights unavailable, training from RANDOM INIT instead. {error}",
-                  file=sys.stderr)
-            return _random_init(), "none (random init: ImageNet weights unavailable)"
-    return _random_init(), "none (random init, --pretrained none)"
+            reasons.append(str(error))
+    print("WARNING: no ImageNet weights could be had, training from RANDOM INIT instead. "
+          + " | ".join(reasons), file=sys.stderr)
+    return _random_init(), "none (random init: ImageNet weights unavailable)"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,8 +3,12 @@
     python train.py                       # 5 epochs on CPU, defaults below
     python train.py --data-dir ~/NEU-DET --epochs 5 --device auto
 
-Data are decoded once into memory; the last epoch is kept; the decision threshold is chosen
-on the validation split (rule: `choose_threshold`); the held-out test images are copied to test_images/.
+Starts from ImageNet features (torchvision's B0 weights when they can be had, else the ImageNet Lite0
+convolutions that requirements.txt installs; --pretrained says which), and teaches the heatmap where the scratch
+is: a loss on the share of the LayerCAM map outside the NEU-DET boxes and the transplanted marks
+(explain_loss.py). Data are decoded once into memory; the last epoch is kept; the decision threshold is chosen
+on the validation split (rule: `choose_threshold`), never on the test split; the held-out test images are copied
+to test_images/, and earlier copies of images this model trained on are removed from there.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dataset
+import explain_loss
 import perturb
 from evaluate import binary_metrics, find_annotations, read_boxes
-from model import build_model, pick_device, predict_probabilities, save_checkpoint
+from model import PRETRAINED_CHOICES, build_model, pick_device, predict_probabilities, save_checkpoint
 from runtime import UserError, ensure_writable_dir, run_main, write_csv
 
 # Defaults: the shipped model_binary.pth is `python train.py` with exactly these.
@@ -37,6 +42,9 @@ DEFAULTS = dict(
     augment="dihedral,camera,zoom,transplant",
     seed=0,
     pretrained="auto",
+    explain_layer="features.2",
+    explain_weight=1.0,
+    explain_every=2,
 )
 AUGMENTATIONS = ("flips", "dihedral", "camera", "zoom", "transplant")
 # Random camera changes ("camera" in --augment): each applied to an image with probability p, its parameter
@@ -66,8 +74,10 @@ def parse_args(argv=None):
                    "training_curves.png (default: %(default)s)")
     p.add_argument("--test-images", default="test_images", help="copy the held-out test images here "
                    "(never overwrites; '' to skip; default: %(default)s)")
-    p.add_argument("--pretrained", choices=["auto", "imagenet", "none"], default=DEFAULTS["pretrained"],
-                   help="initialisation: imagenet weights, random (none), or imagenet if available (auto, default)")
+    p.add_argument("--pretrained", choices=PRETRAINED_CHOICES, default=DEFAULTS["pretrained"],
+                   help="initialisation: torchvision's ImageNet weights (imagenet), ImageNet Lite0's convolutions "
+                   "from the installed package (lite0), random (none), or the first of those that can be had "
+                   "(auto, default)")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
@@ -78,13 +88,27 @@ def parse_args(argv=None):
                    help="per-image standardisation (default) or fixed ImageNet mean/std")
     p.add_argument("--augment", default=DEFAULTS["augment"],
                    help=f"comma-separated, from {', '.join(AUGMENTATIONS)}, or 'none' (default: %(default)s)")
+    p.add_argument("--explain-weight", type=float, default=DEFAULTS["explain_weight"],
+                   help="weight of the loss on the heatmap's share outside the scratch boxes (explain_loss.py; "
+                   "0 = off; default: %(default)s)")
+    p.add_argument("--explain-layer", default=DEFAULTS["explain_layer"],
+                   help="layer whose LayerCAM map that loss shapes (default: %(default)s)")
+    p.add_argument("--explain-every", type=int, default=DEFAULTS["explain_every"],
+                   help="apply that loss on every N-th batch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--cv-fold", type=int, nargs=2, metavar=("K", "N"),
+                   help="cross-validation: the same test split, train + validation dealt into N folds, fold K "
+                   "(0-based) the validation split (bench/crossval.py)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--max-per-class", type=int, default=0,
                    help="use only the first N images of each class (quick runs and tests; 0 = all)")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 32 or args.lr <= 0:
         p.error("--epochs and --batch-size must be >= 1, --image-size >= 32, --lr > 0")
+    if args.cv_fold and not 0 <= args.cv_fold[0] < args.cv_fold[1]:
+        p.error("--cv-fold K N needs 0 <= K < N")
+    if args.explain_weight < 0 or args.explain_every < 1:
+        p.error("--explain-weight must be >= 0 and --explain-every >= 1")
     args.augment = tuple(a.strip() for a in args.augment.split(",") if a.strip() not in ("", "none"))
     unknown = [a for a in args.augment if a not in AUGMENTATIONS]
     if unknown or {"flips", "dihedral"} <= set(args.augment):
@@ -120,8 +144,9 @@ def camera_change(image: np.ndarray, draws: np.ndarray, rng: np.random.Generator
     return image
 
 
-def augment(batch: torch.Tensor, generator: torch.Generator, kinds=AUGMENTATIONS[1:]) -> torch.Tensor:
+def augment(batch: torch.Tensor, generator: torch.Generator, kinds=AUGMENTATIONS[1:], masks=None):
     """A randomly changed copy of a uint8 (N, S, S, 3) batch of square images; labels stay as they are.
+    With `masks` (float32 (N, S, S) scratch boxes), returns (images, masks), the masks moved as their images.
 
     dihedral: one of the 8 symmetries (4 quarter turns x mirror), exact: scratches run in every direction
     in NEU (boxes wider than tall and taller than wide), so every orientation is as likely as any other.
@@ -131,40 +156,70 @@ def augment(batch: torch.Tensor, generator: torch.Generator, kinds=AUGMENTATIONS
     images = batch.numpy()
     draws = torch.rand(len(images), 18, generator=generator, dtype=torch.float64).numpy()
     seeds = torch.randint(0, 2**31 - 1, (len(images),), generator=generator).tolist()
-    out = []
-    for image, draw, seed in zip(images, draws, seeds):
+    out, moved = [], []
+    for i, (image, draw, seed) in enumerate(zip(images, draws, seeds)):
+        mask = None if masks is None else masks[i].numpy()[..., None]
+        symmetry = None
         if "dihedral" in kinds:
-            image = perturb.dihedral(image, int(draw[0] * 8))
+            symmetry = int(draw[0] * 8)
         elif "flips" in kinds:
-            image = perturb.dihedral(image, (0, 2, 5, 7)[int(draw[0] * 4)])  # identity, half turn, 2 mirrors
+            symmetry = (0, 2, 5, 7)[int(draw[0] * 4)]  # identity, half turn, 2 mirrors
+        if symmetry is not None:
+            image = perturb.dihedral(image, symmetry)
+            mask = None if mask is None else perturb.dihedral(mask, symmetry)
         if "zoom" in kinds and draw[1] < ZOOM["p"]:
-            image = perturb.magnify(image, _uniform(*ZOOM["factor"], draw[2], log=True), center=(draw[3], draw[4]))
+            factor, center = _uniform(*ZOOM["factor"], draw[2], log=True), (draw[3], draw[4])
+            image = perturb.magnify(image, factor, center=center)
+            mask = None if mask is None else perturb.magnify(mask, factor, center=center)
         if "camera" in kinds:
             image = camera_change(image, draw[5:18], np.random.default_rng(seed))
         out.append(image)
-    return torch.from_numpy(np.stack(out))
+        moved.append(mask)
+    images = torch.from_numpy(np.stack(out))
+    return images if masks is None else (images, torch.from_numpy(np.stack(moved)[..., 0]))
 
 
-def scratch_mark_bank(samples, pixels: np.ndarray, annotations: dict) -> torch.Tensor | None:
-    """float32 (M, S, S): the marks of every training scratch that has boxes, at the model's input size
-    (boxes scaled from the annotated size). None when no scratch has boxes: transplant is then skipped."""
-    marks = []
-    for sample, image in zip(samples, pixels):
+def scratch_boxes(samples, annotations: dict) -> list:
+    """Per sample: its NEU-DET ((width, height), boxes) when it is a scratch with a box file, else None."""
+    found = []
+    for sample in samples:
         xml = annotations.get(Path(sample.relpath).stem)
-        if sample.label != 1 or xml is None:
+        found.append(read_boxes(xml) if sample.label == 1 and xml is not None else None)
+    return found
+
+
+def box_masks(boxes: list, image_size: int) -> torch.Tensor:
+    """float32 (N, S, S): each sample's scratch boxes (scratch_boxes) as a mask; all zeros where it has none."""
+    shape = (image_size, image_size)
+    return torch.from_numpy(np.stack([np.zeros(shape, np.float32) if b is None else
+                                      explain_loss.boxes_mask(*b, shape) for b in boxes]))
+
+
+def scratch_mark_bank(samples, pixels: np.ndarray, annotations: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """float32 (M, S, S) each: the marks of every training scratch that has boxes, at the model's input size
+    (boxes scaled from the annotated size), and the masks of those boxes. None when no scratch has boxes:
+    transplant is then skipped."""
+    marks, masks = [], []
+    for sample, image, found in zip(samples, pixels, scratch_boxes(samples, annotations)):
+        if found is None:
             continue
-        (width, height), boxes = read_boxes(xml)
+        (width, height), boxes = found
         sx, sy = image.shape[1] / width, image.shape[0] / height
         boxes = [(round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)) for x0, y0, x1, y1 in boxes]
         marks.append(perturb.scratch_marks(image[..., 0], boxes))
-    return torch.from_numpy(np.stack(marks)) if marks else None
+        masks.append(explain_loss.boxes_mask(*found, image.shape[:2]))
+    return (torch.from_numpy(np.stack(marks)), torch.from_numpy(np.stack(masks))) if marks else None
 
 
-def transplant(batch: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor, generator: torch.Generator):
-    """TRANSPLANT on a uint8 (N, S, S, 3) batch: -> (new batch, new labels). Scratch images are untouched."""
+def transplant(batch: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor, generator: torch.Generator,
+               mark_masks: torch.Tensor | None = None, masks: torch.Tensor | None = None):
+    """TRANSPLANT on a uint8 (N, S, S, 3) batch: -> (new batch, new labels). Scratch images are untouched.
+    With `mark_masks` (the bank's box masks) and the batch's `masks`: -> (batch, labels, masks), a changed
+    image's mask being its pasted mark's box."""
     draws = torch.rand(len(batch), 3, generator=generator, dtype=torch.float64).tolist()
     picks = torch.randint(0, len(marks), (len(batch),), generator=generator).tolist()
     images, targets = batch.clone(), targets.clone()
+    masks = None if masks is None else masks.clone()
     for i, (draw, pick) in enumerate(zip(draws, picks)):
         if targets[i] == 1 or draw[0] >= TRANSPLANT["p"]:
             continue
@@ -173,7 +228,9 @@ def transplant(batch: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor, 
         planted = images[i].numpy().astype(np.float32) + strength * mark[..., None]
         images[i] = torch.from_numpy(np.clip(np.rint(planted), 0, 255).astype(np.uint8))
         targets[i] = 1
-    return images, targets
+        if masks is not None:
+            masks[i] = torch.from_numpy(perturb.dihedral(mark_masks[pick].numpy(), int(draw[1] * 8)))
+    return (images, targets) if masks is None else (images, targets, masks)
 
 
 def one_cycle(total_steps: int, warmup: float = 0.1, start: float = 0.04):
@@ -197,21 +254,37 @@ def batch_indices(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
-def train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator, device, epoch, marks=None):
+def train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator, device, epoch, marks=None,
+                    masks=None, capture=None):
     """One pass over the training pixels in a seeded random order; returns (mean loss, accuracy).
-    marks: scratch_mark_bank's, for "transplant" (None: off)."""
+    marks: scratch_mark_bank's (marks, their masks), for "transplant" (None: off). masks: the training
+    images' box masks and capture: an explain_loss.LayerCamCapture on the model, for the heatmap loss on every
+    args.explain_every-th batch (None: off)."""
     model.train()
     batches = batch_indices(torch.randperm(len(labels), generator=generator), args.batch_size)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, file=sys.stdout)
-    for index in bar:
+    for step, index in enumerate(bar):
         images, targets = pixels[index], labels[index]
-        if marks is not None:
-            images, targets = transplant(images, targets, marks, generator)
-        images = dataset.normalize(augment(images, generator, args.augment), args.normalization).to(device)
+        explain = capture is not None and step % args.explain_every == 0
+        batch_masks = masks[index] if explain else None
+        if marks is not None and explain:
+            images, targets, batch_masks = transplant(images, targets, marks[0], generator, marks[1], batch_masks)
+        elif marks is not None:
+            images, targets = transplant(images, targets, marks[0], generator)
+        if explain:
+            images, batch_masks = augment(images, generator, args.augment, batch_masks)
+        else:
+            images = augment(images, generator, args.augment)
+        images = dataset.normalize(images, args.normalization).to(device)
         targets = targets.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, targets)
+        if explain:
+            boxed = batch_masks.flatten(1).amax(1) > 0
+            if boxed.any():
+                loss = loss + args.explain_weight * explain_loss.heatmap_loss(
+                    model, capture, images[boxed.to(device)], batch_masks[boxed].to(device))
         if not torch.isfinite(loss):
             raise UserError(f"training diverged: loss is {loss.item()} in epoch {epoch}; "
                             f"try a lower --lr (now {args.lr}). The previous checkpoint was kept.")
@@ -253,10 +326,20 @@ def choose_threshold(probabilities, labels, eps: float = 1e-6) -> float:
     return float(1 / (1 + math.exp(-(low + high) / 2)))
 
 
-def copy_test_images(samples, folder: Path) -> tuple[int, int]:
-    """Copy held-out test images into `folder` (never overwriting); returns (copied, already present)."""
+def copy_test_images(samples, folder: Path, seen=()) -> tuple[int, int, int]:
+    """Copy held-out test images into `folder` (never overwriting), and remove the copies there of `seen`
+    images (this model's training and validation images: an earlier seed's test images that this model has
+    seen, which infer.py must not be shown as unseen). Files that are not such copies are left alone.
+    Returns (copied, already present, removed)."""
     folder.mkdir(parents=True, exist_ok=True)
-    copied = present = 0
+    copied = present = removed = 0
+    for sample in seen:
+        for name in (Path(sample.relpath).name, sample.relpath.replace("/", "__")):
+            target = folder / name
+            if target.is_file() and target.stat().st_size == sample.path.stat().st_size \
+                    and target.read_bytes() == sample.path.read_bytes():
+                target.unlink()
+                removed += 1
     for sample in samples:
         for name in (Path(sample.relpath).name, sample.relpath.replace("/", "__")):
             target = folder / name
@@ -270,7 +353,7 @@ def copy_test_images(samples, folder: Path) -> tuple[int, int]:
         else:
             print(f"warning: {folder} already has a different {Path(sample.relpath).name}; not copied",
                   file=sys.stderr)
-    return copied, present
+    return copied, present, removed
 
 
 def plot_curves(log_rows: list[dict], path: Path) -> None:
@@ -310,6 +393,8 @@ def main(argv=None) -> int:
     samples, layout = dataset.find_samples(data_dir)
     samples = dataset.first_per_class(samples, args.max_per_class)
     splits = dataset.split_samples(samples, args.seed)
+    if args.cv_fold:
+        splits = dataset.cross_validation_fold(splits, *args.cv_fold, args.seed)
     dataset.write_splits_csv(splits, reports / "splits.csv")
     print("split: " + ", ".join(f"{name} {len(items)}" for name, items in splits.items())
           + f" (seed {args.seed}; duplicates kept together) -> {reports / 'splits.csv'}")
@@ -324,11 +409,21 @@ def main(argv=None) -> int:
     pixels = {name: torch.from_numpy(dataset.load_pixels(items, args.image_size)) for name, items in splits.items()}
     labels = {name: torch.from_numpy(dataset.labels_of(items)) for name, items in splits.items()}
 
-    marks = None
+    marks = masks = capture = None
+    annotations = find_annotations(data_dir) if ("transplant" in args.augment or args.explain_weight > 0) else {}
     if "transplant" in args.augment:
-        marks = scratch_mark_bank(splits["train"], pixels["train"].numpy(), find_annotations(data_dir))
-        print(f"transplant: marks of {0 if marks is None else len(marks)} annotated training scratches"
+        marks = scratch_mark_bank(splits["train"], pixels["train"].numpy(), annotations)
+        print(f"transplant: marks of {0 if marks is None else len(marks[0])} annotated training scratches"
               + ("" if marks is not None else " (no boxes found: skipped)"))
+    if args.explain_weight > 0:
+        boxes = scratch_boxes(splits["train"], annotations)
+        if any(b is not None for b in boxes):
+            masks = box_masks(boxes, args.image_size)
+            capture = explain_loss.LayerCamCapture(model.get_submodule(args.explain_layer))
+        print(f"heatmap loss: LayerCAM {args.explain_layer} outside the boxes of "
+              f"{sum(b is not None for b in boxes)} training scratches and the transplanted marks, weight "
+              f"{args.explain_weight}, every {args.explain_every} batches" if masks is not None else
+              "heatmap loss: no scratch boxes found: skipped")
 
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -339,7 +434,7 @@ def main(argv=None) -> int:
     for epoch in range(1, args.epochs + 1):
         epoch_start = time.time()
         train_loss, train_acc = train_one_epoch(model, pixels["train"], labels["train"], optimizer, scheduler,
-                                                args, generator, device, epoch, marks)
+                                                args, generator, device, epoch, marks, masks, capture)
         val_prob = predict_probabilities(model, pixels["val"], args.normalization, 2 * args.batch_size, device)
         val = binary_metrics(val_prob, labels["val"], 0.5)
         row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val["loss"],
@@ -357,6 +452,8 @@ def main(argv=None) -> int:
     print(f"kept epoch {args.epochs}; threshold {threshold:.4f} (validation Youden J, widest margin in log-odds): "
           f"val acc {val['accuracy']:.4f}, scratch recall {val['recall']:.4f}, specificity {val['specificity']:.4f}")
 
+    if capture is not None:
+        capture.remove()
     log_fields = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_recall", "seconds"]
     write_csv(reports / "training_log.csv", log_fields,
               [[f"{r[k]:.6f}" if isinstance(r[k], float) else r[k] for k in log_fields] for r in log_rows])
@@ -371,10 +468,12 @@ def main(argv=None) -> int:
         "pretrained": init,
         "epochs": args.epochs,
         "seed": args.seed,
-        "hyperparameters": {**{k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "max_per_class")},
+        "hyperparameters": {**{k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "max_per_class",
+                                                             "explain_weight", "explain_layer", "explain_every")},
                             "augment": list(args.augment)},
         "data": {"layout": layout, "n_images": len(samples)},
         "split": {"fractions": list(dataset.SPLIT_FRACTIONS), "seed": args.seed,
+                  **({"cv_fold": args.cv_fold[0], "cv_folds": args.cv_fold[1]} if args.cv_fold else {}),
                   **{f"n_{name}": len(items) for name, items in splits.items()},
                   "test_digest": dataset.split_digest(splits["test"])},
         "val_metrics": {"threshold": threshold, **val},
@@ -382,9 +481,11 @@ def main(argv=None) -> int:
     })
     print(f"saved {output} ({time.time() - started:.0f}s)")
     if args.test_images:
-        copied, present = copy_test_images(splits["test"], Path(args.test_images))
-        print(f"test split: {copied} images copied to {args.test_images}/ ({present} already there); "
-              f"run: python infer.py")
+        copied, present, removed = copy_test_images(splits["test"], Path(args.test_images),
+                                                    splits["train"] + splits["val"])
+        print(f"test split: {copied} images copied to {args.test_images}/ ({present} already there"
+              + (f"; {removed} removed that this model trained or validated on" if removed else "")
+              + "); run: python infer.py")
     return 0
 
 

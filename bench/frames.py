@@ -18,9 +18,13 @@ A frame:
               neither rewards nor punishes tile seams. --background mirror mirror-tiles the image instead
               (numpy 'symmetric'): continuous too, but the mirror axes repeat every 200 px as symmetric
               shapes (a dark blob doubled into an elongated one) that no steel surface has.
-  scratch     a test scratch image's high-pass (itself minus its Gaussian blur of sigma 6 px) inside its
-              annotated boxes (+4 px, feathered), added at a random place: the scratch's own local contrast
-              on the new texture, no pasted square. Its boxes, moved there, are the ground truth.
+  scratch     a test scratch image's annotated boxes (+4 px) at a random place, by --plant:
+              clone (default) OpenCV's seamlessClone (Poisson blending): the region's own gradients, its levels
+                    fitted to the frame around it. Independent of training.
+              marks the scratch's high-pass (itself minus its Gaussian blur of sigma 6 px) inside its boxes,
+                    feathered, added: perturb.scratch_marks, the very operation train.py's transplant trains
+                    on, so this measures memory of the operation rather than generalisation.
+              Its boxes, moved there, are the ground truth.
   mosaic      (the sanity check) 5 x 5 different test images side by side, seams on a 200 px grid, one of them
               a scratch image in a scratch frame: the issue's original measurement, seams and all.
 Scores, per set of frames:
@@ -127,11 +131,44 @@ def continuous_background(source: np.ndarray, height: int, width: int, method: s
     return np.pad(flat, ((0, height - flat.shape[0]), (0, width - flat.shape[1])), mode="symmetric")
 
 
-def plant(frame: np.ndarray, scratch: np.ndarray, boxes, x: int, y: int) -> list[tuple[int, int, int, int]]:
-    """Add the scratch's high-pass inside its boxes at (x, y); -> its boxes in frame coordinates."""
+def plant_marks(frame: np.ndarray, scratch: np.ndarray, boxes, x: int, y: int) -> list[tuple[int, int, int, int]]:
+    """Add the scratch's high-pass inside its boxes at (x, y) (perturb.scratch_marks: the operation train.py's
+    transplant augmentation trains on); -> its boxes in frame coordinates."""
     frame[y:y + scratch.shape[0], x:x + scratch.shape[1]] += perturb.scratch_marks(scratch, boxes, HIGH_PASS_SIGMA,
                                                                                  BOX_MARGIN)
     return [(x + x0, y + y0, x + x1, y + y1) for x0, y0, x1, y1 in boxes]
+
+
+CLONE_PAD = 16  # grey levels of frame around the clone, so that its mask never touches an edge
+
+
+def plant_clone(frame: np.ndarray, scratch: np.ndarray, boxes, x: int, y: int) -> list[tuple[int, int, int, int]]:
+    """Poisson-blend the scratch image's annotated boxes (+BOX_MARGIN) into the frame at (x, y) with OpenCV's
+    seamlessClone (Perez et al. 2003: the region's gradients, its levels fitted to the frame around it). An
+    operation independent of train.py's transplant; -> the boxes in frame coordinates."""
+    height, width = scratch.shape
+    mask = np.zeros((height, width), np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(1, y0 - BOX_MARGIN):min(height - 1, y1 + BOX_MARGIN),
+             max(1, x0 - BOX_MARGIN):min(width - 1, x1 + BOX_MARGIN)] = 255
+    pad = CLONE_PAD
+    top, left = max(0, y - pad), max(0, x - pad)
+    window = frame[top:y + height + pad, left:x + width + pad]
+    destination = np.clip(np.rint(window), 0, 255).astype(np.uint8)
+    canvas = np.zeros_like(destination)
+    canvas[y - top:y - top + height, x - left:x - left + width] = np.clip(np.rint(scratch), 0, 255)
+    full_mask = np.zeros_like(destination)
+    full_mask[y - top:y - top + height, x - left:x - left + width] = mask
+    # seamlessClone centres the source's masked bounding box at `center` in the destination: give both one frame
+    bx, by, bw, bh = cv2.boundingRect(full_mask)
+    center = (bx + bw // 2, by + bh // 2)
+    blended = cv2.seamlessClone(cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR), cv2.cvtColor(destination, cv2.COLOR_GRAY2BGR),
+                                full_mask, center, cv2.NORMAL_CLONE)
+    window[:] = np.where(full_mask > 0, cv2.cvtColor(blended, cv2.COLOR_BGR2GRAY).astype(np.float32), window)
+    return [(x + x0, y + y0, x + x1, y + y1) for x0, y0, x1, y1 in boxes]
+
+
+PLANTERS = {"clone": plant_clone, "marks": plant_marks}
 
 
 def places(rng, height: int, width: int, count: int, size: int = NATIVE) -> list[tuple[int, int]]:
@@ -159,10 +196,10 @@ class Truth:
 class Sources:
     """The test split's images, drawn in a seeded shuffled order (cycling when a set needs more)."""
 
-    def __init__(self, samples, annotations, seed: int, background: str = "quilt"):
+    def __init__(self, samples, annotations, seed: int, background: str = "quilt", planting: str = "clone"):
         import dataset
         rng = np.random.default_rng(seed)
-        self.rng, self.method = rng, background
+        self.rng, self.method, self.plant = rng, background, PLANTERS[planting]
         self.clean = {c: [s for s in samples if s.neu_class == c]
                       for c in dataset.NEU_CLASSES if c != dataset.DEFECT_CLASS}
         for items in self.clean.values():
@@ -197,7 +234,7 @@ def continuous_frame(sources: Sources, folder: Path, truth: Truth, index: int, n
     frame = continuous_background(gray(sample.path), truth.height, truth.width, sources.method, sources.rng)
     for x, y in places(sources.rng, truth.height, truth.width, n_scratches):
         scratch, boxes = sources.scratch()
-        truth.scratches.append(plant(frame, gray(scratch.path), boxes, x, y))
+        truth.scratches.append(sources.plant(frame, gray(scratch.path), boxes, x, y))
     save(frame, folder / truth.name)
     return truth
 
@@ -266,7 +303,7 @@ def build_worker(args) -> int:
     data_dir = default_data_dir(args.data_dir)
     _, meta = load_checkpoint(args.model)
     samples, _ = select_samples(data_dir, meta, "test")
-    sources = Sources(samples, find_annotations(data_dir), args.seed, args.background)
+    sources = Sources(samples, find_annotations(data_dir), args.seed, args.background, args.plant)
     if args.speed:
         truths = build_speed_inputs(sources, samples, work, args.small, args.distinct, [args.distinct, args.many])
     else:
@@ -282,6 +319,7 @@ def build_worker(args) -> int:
 def build(args, work: Path) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--build-worker", "--work", str(work),
                "--model", str(args.model), "--seed", str(args.seed), "--background", args.background,
+               "--plant", args.plant,
                "--clean", str(args.clean), "--scratch", str(args.scratch), "--small", str(args.small),
                "--distinct", str(args.distinct), "--many", str(args.many)]
     command += (["--data-dir", str(args.data_dir)] if args.data_dir else []) + (["--speed"] if args.speed else [])
@@ -422,7 +460,8 @@ def accuracy_bench(args, model: Path, info: dict, work: Path) -> None:
           f"{run.wall_s:.0f} s, peak RSS {run.peak_rss_mib:.0f} MiB")
     print(f"- data: {info['data_dir']}, test split: {info['n_test']} images ({info['n_scratch_sources']} annotated "
           f"scratches, {info['n_clean_sources']} others)")
-    print(f"- continuous frames ({args.background} backgrounds, seed {args.seed}): sizes "
+    print(f"- continuous frames ({args.background} backgrounds, scratches planted by {args.plant}, seed "
+          f"{args.seed}): sizes "
           f"{', '.join(f'{w}x{h}' for h, w in SIZES)} (W x H) in turn; scratch frames hold 1, 2, 3 scratches in "
           f"turn; backgrounds cycle through the 5 non-scratch classes")
     print(f"- load average at the end: {load_average()}")
@@ -521,6 +560,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="which images go where (default: %(default)s)")
     p.add_argument("--background", choices=["quilt", "mirror"], default="quilt",
                    help="continuous backgrounds by image quilting, or by mirror tiling (default: %(default)s)")
+    p.add_argument("--plant", choices=sorted(PLANTERS), default="clone",
+                   help="how scratches are planted: clone (OpenCV seamlessClone of the annotated boxes, independent "
+                   "of training) or marks (perturb.scratch_marks, the operation train.py's transplant trains on; "
+                   "default: %(default)s)")
     p.add_argument("--speed", action="store_true", help="throughput and peak RSS instead of the accuracy table")
     p.add_argument("--small", type=int, default=300, help="--speed: 200x200 images (default: %(default)s)")
     p.add_argument("--distinct", type=int, default=10,

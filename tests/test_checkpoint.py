@@ -302,7 +302,23 @@ def test_imagenet_weights_from_cache(offline_hub, imagenet_like, choice, capsys)
     assert not torch.equal(other.features[0][0].weight, imagenet_like["features.0.0.weight"])
 
 
-def test_no_weights_offline(offline_hub, capsys):
+@pytest.fixture
+def no_lite0(tmp_path, monkeypatch):
+    """The Lite0 package's weights file missing, as on an install without it."""
+    import lite0
+    monkeypatch.setattr(lite0, "weights_file", lambda: tmp_path / "no-lite0" / lite0.WEIGHTS_NAME)
+
+
+def test_auto_falls_back_to_lite0_offline(offline_hub, capsys):
+    """No torchvision weights to be had: 'auto' takes the installed Lite0 convolutions, says so, and warns not."""
+    _, attempts = offline_hub
+    net, init = build_model("auto")
+    assert init.startswith("lite0") and attempts
+    assert "WARNING" not in capsys.readouterr().err
+    assert net.classifier[1].out_features == 2
+
+
+def test_no_weights_offline(offline_hub, no_lite0, capsys):
     cache, attempts = offline_hub
     with pytest.raises(PretrainedUnavailable) as error:
         build_model("imagenet")
@@ -315,7 +331,7 @@ def test_no_weights_offline(offline_hub, capsys):
     assert not cache.exists()
 
 
-def test_unusable_cached_weights(offline_hub, capsys):
+def test_unusable_cached_weights(offline_hub, no_lite0, capsys):
     """A cached file of another model, or one carrying a pickle payload: an error / a warning, never a crash
     or code execution."""
     cache, _ = offline_hub

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,9 @@ def run(neu_dir, tmp_path_factory):
     clash = Path(expected_splits(neu_dir)["test"][0].relpath).name
     (work / "test_images").mkdir()
     (work / "test_images" / clash).write_bytes(b"the operator's own file")
+    # an earlier seed's test image that this model trains on: it must not stay among the "unseen" images
+    seen = expected_splits(neu_dir)["train"][0]
+    shutil.copyfile(seen.path, work / "test_images" / Path(seen.relpath).name)
     return train(neu_dir, work), clash
 
 
@@ -87,6 +91,16 @@ def test_test_split_copied_without_overwriting(run, neu_dir):
         copy = folder / (sample.relpath.replace("/", "__") if name == clash else name)
         assert copy.read_bytes() == sample.path.read_bytes()
     assert len(list(folder.iterdir())) == len(test) + 1
+
+
+def test_test_images_holds_only_images_this_model_never_saw(run, neu_dir):
+    work, clash = run
+    splits = expected_splits(neu_dir)
+    seen = {Path(s.relpath).name for s in splits["train"] + splits["val"]}
+    left = {p.name for p in (work / "test_images").iterdir()}
+    assert not left & seen
+    assert clash in left  # the operator's own file is not a copy of a NEU image: kept
+    assert "1 removed that this model trained or validated on" in (work / "train.log").read_text()
 
 
 def test_infer_then_evaluate(run, neu_dir):

@@ -150,3 +150,36 @@ def test_evaluate_applies_the_checkpoint_threshold(neu_dir, tmp_path):
     assert sorted(metrics["misclassified"]) == sorted(n for n in labels if predicted[n] != labels[n])
     at_half = {name: p >= 0.5 for name, p in reported.items()}
     assert at_half != predicted  # 0.5 would have given other verdicts: the stored threshold was applied
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.py chooses the threshold on the validation split, never on the test split
+# ---------------------------------------------------------------------------------------------------------
+def test_train_chooses_the_threshold_on_validation_not_test(neu_dir, tmp_path, monkeypatch):
+    """The model's scores are replaced by a fixed rule per split: on validation, scratches score 0.30 and the rest
+    0.10; on test, 0.95 and 0.60. The two splits call for different thresholds, and the checkpoint must hold
+    validation's (a train.py that chose on the test split, or on both, would store another)."""
+    import train
+
+    size, per_class = 32, 12
+    samples = dataset.first_per_class(dataset.find_samples(neu_dir)[0], per_class)
+    split_of = {}
+    for name, items in dataset.split_samples(samples, 0).items():
+        assert {s.label for s in items} == {0, 1}, name
+        for sample, pixels in zip(items, dataset.load_pixels(items, size, progress=False)):
+            split_of[pixels.tobytes()] = (name, sample.label)
+    scores = {"val": (0.10, 0.30), "test": (0.60, 0.95), "train": (0.50, 0.50)}
+
+    def scored_by_split(model, pixels, normalization, batch_size, device):
+        return torch.tensor([scores[split][label] for split, label in
+                             (split_of[image.tobytes()] for image in pixels.numpy())], dtype=torch.float64)
+
+    monkeypatch.setattr(train, "predict_probabilities", scored_by_split)
+    path = tmp_path / "model.pth"
+    assert train.main(["--data-dir", str(neu_dir), "--output", str(path), "--reports", str(tmp_path / "reports"),
+                       "--test-images", "", "--max-per-class", str(per_class), "--epochs", "1", "--image-size",
+                       str(size), "--pretrained", "none", "--augment", "none", "--explain-weight", "0"]) == 0
+    val_cut = train.choose_threshold([0.10, 0.30], [0, 1])
+    test_cut = train.choose_threshold([0.60, 0.95], [0, 1])
+    assert 0.10 < val_cut < 0.30 and 0.60 < test_cut < 0.95
+    assert torch.load(path, weights_only=True)["threshold"] == pytest.approx(val_cut)

@@ -260,7 +260,8 @@ def test_scratch_mark_bank_takes_annotated_scratches_with_boxes_at_the_input_siz
     write_voc(tmp_path / "crazing_1.xml", (200, 200), [(1, 1, 200, 200)])
     samples = [sample("scratches_1", "scratches"), sample("crazing_1", "crazing"), sample("scratches_2", "scratches")]
     annotations = {"scratches_1": tmp_path / "scratches_1.xml", "crazing_1": tmp_path / "crazing_1.xml"}
-    bank = train.scratch_mark_bank(samples, np.stack([image] * 3), annotations)
+    bank, masks = train.scratch_mark_bank(samples, np.stack([image] * 3), annotations)
     assert bank.shape == (1, 100, 100)
     assert bank[0, 50, 15] > 40 and bank[0, :, 40:].abs().max() < 1e-3
+    assert masks.shape == (1, 100, 100) and masks[0, :, 14:17].min() == 1 and masks[0].sum() == 100 * 3
     assert train.scratch_mark_bank(samples[1:], np.stack([image] * 2), annotations) is None
