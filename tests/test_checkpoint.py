@@ -16,10 +16,10 @@ import torchvision
 from torchvision.models import efficientnet_b0
 
 import dataset
-import model as model_module
+from scratch_detector import model as model_module
 from conftest import ROOT, save_image
 from gradcam import GradCAM
-from model import (CheckpointError, EfficientNetB0, PretrainedUnavailable, build_model, fold_batchnorm,
+from scratch_detector.model import (CheckpointError, EfficientNetB0, PretrainedUnavailable, build_model, fold_batchnorm,
                    load_checkpoint, save_checkpoint)
 
 META = {"image_size": 64, "mean": list(dataset.IMAGENET_MEAN), "std": list(dataset.IMAGENET_STD),

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, kill9_when, run_script, save_image
-from journal import JOURNAL_DIR, SEGMENT_GLOB
+from scratch_detector.storage import JOURNAL_DIR, SEGMENT_GLOB
 
 try:
     import ray  # noqa: F401
@@ -179,7 +179,7 @@ def test_killed_ray_run_resumes(folder, decisive_checkpoint):
 
 
 def test_actor_sizing_leaves_room_for_reads():
-    from ray_engine import actor_sizing
+    from scratch_detector.engines.ray_pool import actor_sizing
 
     two = actor_sizing([2.0])
     assert (two.actors, two.cpus_per_actor, two.read_cpus) == (2, 0.5, 1.0)

@@ -17,8 +17,8 @@ import torch
 from conftest import random_model_with_spread, run_script, save_image
 
 import dataset
-from evaluate import select_samples
-from model import load_checkpoint, predict_probabilities, save_checkpoint
+from scratch_detector.evaluation import select_samples
+from scratch_detector.model import load_checkpoint, predict_probabilities, save_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
