@@ -77,7 +77,8 @@ def parse_args(argv=None):
                    help="--engine ray: the cluster to join, auto (the one this node belongs to) or ray://HEAD:10001 "
                         "(default: start Ray on this machine for this run)")
     p.add_argument("--ray-actors", type=int, default=0,
-                   help="--engine ray: model actors (default: one per CPU of the cluster; see scratch_detector/engines/ray_pool.py)")
+                   help="--engine ray: model actors (default: one per CPU of the cluster; see "
+                        "scratch_detector/engines/ray_pool.py)")
     p.add_argument("--ray-cpus", type=int, default=0,
                    help="--engine ray without --ray-address: CPUs of the Ray instance started here (default: all)")
     args = p.parse_args(argv)

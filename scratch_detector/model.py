@@ -273,7 +273,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{path} is for architecture {checkpoint['arch']!r}, this program runs {ARCH}")
     if not isinstance(checkpoint["classes"], (list, tuple)) or list(checkpoint["classes"]) != BINARY_CLASSES:
         raise CheckpointError(f"{path} has classes {checkpoint['classes']!r}, expected {BINARY_CLASSES}")
-    checkpoint.setdefault("normalization", "imagenet")  # written before per-image standardisation existed
+    checkpoint.setdefault("normalization", "imagenet")  # a checkpoint without the key was ImageNet-normalised
     _check_metadata(path, checkpoint)
     model = EfficientNetB0(num_classes=len(BINARY_CLASSES))
     state = checkpoint["state_dict"]
