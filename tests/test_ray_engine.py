@@ -28,7 +28,7 @@ except ImportError as error:
     RAY_MISSING = f"ray not importable ({error}); pip install -r requirements-ray.txt"
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-RAY_TIMEOUT = 240   # a whole Ray run on ~60 images takes ~20 s here: far over it is a deadlock
+RAY_TIMEOUT = 240   # far over what a whole Ray run on these few images takes: beyond it, a deadlock
 N_GOOD = 56
 
 

@@ -94,7 +94,7 @@ def test_sigkill_then_rerun_gives_the_clean_bytes(runs, decisive_checkpoint):
     for name in ("predictions.csv", "detections.csv"):
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
     # the same overlay files, each whole; pixels as the clean run's up to float noise (a resumed run batches
-    # the images differently, which moves CAM values by ~1e-7 and can flip a rounding)
+    # the images differently, which moves CAM values by float rounding and can flip a pixel's rounding)
     resumed, reference = overlays(out), overlays(clean)
     assert sorted(resumed) == sorted(reference) and len(resumed) == N_IMAGES
     for name in resumed:
