@@ -90,11 +90,6 @@ try:
 except (OSError, AttributeError):
     _syncfs = None
 
-JOURNAL_DIR = ".journal"
-SEGMENT_GLOB = "seg-*.log"
-WINDOW = 1024        # lines a reader sorts in memory per segment; the writer splits where that cannot suffice
-MAX_SEGMENTS = 32    # beyond this, segments are merged first, so a reader holds few files and windows
-
 # ---------------------------------------------------------------------------------------------------------
 # The input listing
 # ---------------------------------------------------------------------------------------------------------
@@ -274,6 +269,12 @@ def sorted_listing(relpaths: Iterable[str], scratch: str | Path | None,
 # ---------------------------------------------------------------------------------------------------------
 # The journal
 # ---------------------------------------------------------------------------------------------------------
+JOURNAL_DIR = ".journal"
+SEGMENT_GLOB = "seg-*.log"
+WINDOW = 1024        # lines a reader sorts in memory per segment; the writer splits where that cannot suffice
+MAX_SEGMENTS = 32    # beyond this, segments are merged first, so a reader holds few files and windows
+
+
 def file_sha256(path: str | Path) -> str:
     """The checkpoint's identity for the run key: its bytes, not its name or date (read streaming)."""
     with open(path, "rb") as handle:
