@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from runtime import UserError, write_csv
+from scratch_detector.runtime import UserError, write_csv
 
 # ---------------------------------------------------------------------------------------------------------
 # Classes and labels: the one place that maps NEU class names to the binary task.
@@ -64,16 +65,49 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def walk_images(folder: str | Path, skip: Path | None = None, recursive: bool = True) -> Iterator[str]:
+    """Relative paths (posix) of the image files under `folder` (at any depth, or in `folder` itself only),
+    in no particular order. Hidden folders and files are left out, as is `skip` (infer.py's own overlay folder
+    when --output lies inside --input), and anything that is not a regular file (a FIFO named x.jpg would block
+    the reader). The one way to list images: the NEU layouts, and inference's listing."""
+    skip = skip.resolve() if skip is not None else None
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if recursive and not d.startswith(".") and (Path(root) / d).resolve() != skip]
+        prefix = Path(root).relative_to(folder).as_posix()
+        prefix = "" if prefix == "." else prefix + "/"
+        for name in files:
+            if is_image_file(name) and not name.startswith(".") and os.path.isfile(os.path.join(root, name)):
+                yield prefix + name
+
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _gray8(values: np.ndarray, mode: str, unit_floats: bool) -> np.ndarray:
+    """Grey levels of a 16-bit, 32-bit or float image (float64) -> uint8, rescaled rather than clipped at 255:
+    16/32-bit full range to 8-bit full range, floats in [0, 1] (unit_floats) to [0, 255], other floats as
+    they are; NaN becomes 0."""
+    if unit_floats:
+        values = values * 255.0
+    elif mode != "F":
+        values = values / 257.0  # 16-bit full range -> 8-bit full range
+    return np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+
+
+def _check_pixel_limit(image: Image.Image) -> None:
+    """Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) as an error, before any pixel is decoded."""
+    if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"image of {image.width}x{image.height} pixels exceeds the limit of {Image.MAX_IMAGE_PIXELS} "
+            f"pixels (Pillow's MAX_IMAGE_PIXELS: a decompression bomb, or a frame to split before inference)")
+
+
 def _to_rgb8(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB. 16/32-bit and float images are rescaled, not clipped at 255."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode in _HIGH_DEPTH_MODES:
         values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
-            values = values * 255.0
-        elif image.mode != "F":
-            values = values / 257.0  # 16-bit full range -> 8-bit full range
-        gray = np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        unit_floats = bool(image.mode == "F" and values.size and np.nanmax(values) <= 1.0)
+        return Image.fromarray(_gray8(values, image.mode, unit_floats), mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
@@ -88,9 +122,7 @@ def open_image(path: str | Path, image_size: int) -> Image.Image:
     never sits in memory at full size; Pillow's decompression-bomb limit is an error, not a warning.
     """
     with Image.open(path) as image:
-        if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-            raise Image.DecompressionBombError(f"image of {image.width}x{image.height} pixels exceeds the "
-                                               f"limit of {Image.MAX_IMAGE_PIXELS} (decompression bomb?)")
+        _check_pixel_limit(image)
         image.draft("RGB", (image_size, image_size))
         image = ImageOps.exif_transpose(image)
         image.load()
@@ -100,7 +132,6 @@ def open_image(path: str | Path, image_size: int) -> Image.Image:
 # ---------------------------------------------------------------------------------------------------------
 # Reading a large frame at native scale, for tiled inference (infer.py cuts it into NATIVE_SIZE tiles).
 # ---------------------------------------------------------------------------------------------------------
-_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _BAND_ROWS = 256  # rows converted at a time: a 16-bit frame is never held as float64 (8 bytes a pixel) whole
 
 
@@ -126,12 +157,8 @@ def _gray8_in_bands(image: Image.Image) -> Image.Image:
         unit_floats = bool(peaks) and max(peaks) <= 1.0
     out = np.empty((height, width), np.uint8)
     for top, bottom in bands:
-        values = np.asarray(image.crop((0, top, width, bottom)), dtype=np.float64)
-        if unit_floats:
-            values = values * 255.0
-        elif image.mode != "F":
-            values = values / 257.0
-        out[top:bottom] = np.clip(np.nan_to_num(values), 0, 255).round()
+        out[top:bottom] = _gray8(np.asarray(image.crop((0, top, width, bottom)), dtype=np.float64), image.mode,
+                                 unit_floats)
     return Image.fromarray(out, mode="L")
 
 
@@ -155,13 +182,10 @@ def open_frame(path: str | Path) -> Image.Image:
 
     The limit is Pillow's decompression-bomb limit, Image.MAX_IMAGE_PIXELS (89,478,485 pixels by default,
     e.g. 20000 x 4473): a larger image is refused with DecompressionBombError before any pixel is decoded,
-    so a frame costs at most ~90 MB grey or ~360 MB colour, whatever its header claims.
+    so a frame costs at most that many pixels' bytes (1 grey, 4 colour), whatever its header claims.
     """
     with Image.open(path) as image:
-        if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-            raise Image.DecompressionBombError(
-                f"image of {image.width}x{image.height} pixels exceeds the limit of {Image.MAX_IMAGE_PIXELS} "
-                f"pixels (Pillow's MAX_IMAGE_PIXELS: a decompression bomb, or a frame to split before inference)")
+        _check_pixel_limit(image)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         return _to_frame8(image)
@@ -191,7 +215,7 @@ def normalize(pixels: np.ndarray | torch.Tensor, normalization: str) -> torch.Te
 
     'per-image': each image minus its own mean, divided by its own standard deviation (over all pixels and
     channels): a camera's gain and offset cancel exactly, so brightness and contrast of another line's
-    lamp or sensor do not move the prediction. 'imagenet': the fixed ImageNet channel mean/std (older models).
+    lamp or sensor do not move the prediction. 'imagenet': the fixed ImageNet channel mean/std.
     """
     batch = torch.as_tensor(pixels).permute(0, 3, 1, 2).float()
     if normalization == "per-image":
@@ -256,7 +280,7 @@ def _hidden(name: str) -> bool:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p) and not _hidden(p.name))
+    return sorted(folder / name for name in walk_images(folder, recursive=False))
 
 
 def _samples_by_name(root: Path, files: list[Path]) -> list[Sample]:
@@ -415,7 +439,7 @@ def write_splits_csv(splits: dict[str, list[Sample]], path: Path) -> None:
 # Decode once, keep in memory.
 # ---------------------------------------------------------------------------------------------------------
 def load_pixels(samples: list[Sample], image_size: int, progress: bool = True) -> np.ndarray:
-    """Decode every sample once into a uint8 (N, S, S, 3) array (1500 NEU images at 224 px: ~225 MB).
+    """Decode every sample once into a uint8 (N, S, S, 3) array (N x S x S x 3 bytes).
     The progress bar goes to stdout like the scripts' other bars: stderr is kept for warnings and errors."""
     from tqdm import tqdm
 

@@ -6,9 +6,10 @@
 Starts from ImageNet features (torchvision's B0 weights when they can be had, else the ImageNet Lite0
 convolutions that requirements.txt installs; --pretrained says which), and teaches the heatmap where the scratch
 is: a loss on the share of the LayerCAM map outside the NEU-DET boxes and the transplanted marks
-(explain_loss.py). Data are decoded once into memory; the last epoch is kept; the decision threshold is chosen
-on the validation split (rule: `choose_threshold`), never on the test split; the held-out test images are copied
+(scratch_detector/explain_loss.py). Data are decoded once into memory; the last epoch is kept; the decision threshold is chosen
+on the validation split (rule: metrics.choose_threshold), never on the test split; the held-out test images are copied
 to test_images/, and earlier copies of images this model trained on are removed from there.
+The augmentation policy (--augment) is scratch_detector/augment.py.
 """
 from __future__ import annotations
 
@@ -19,17 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import dataset
-import explain_loss
-import perturb
-from evaluate import binary_metrics, find_annotations, read_boxes
-from model import PRETRAINED_CHOICES, build_model, pick_device, predict_probabilities, save_checkpoint
-from runtime import UserError, ensure_writable_dir, run_main, write_csv
+from scratch_detector import explain_loss
+from scratch_detector.augment import AUGMENTATIONS, augment, box_masks, scratch_boxes, scratch_mark_bank, transplant
+from scratch_detector.curves import plot_curves
+from scratch_detector.metrics import binary_metrics, choose_threshold, find_annotations
+from scratch_detector.model import PRETRAINED_CHOICES, build_model, pick_device, predict_probabilities, save_checkpoint
+from scratch_detector.runtime import UserError, ensure_writable_dir, run_main, write_csv
 
 # Defaults: the shipped model_binary.pth is `python train.py` with exactly these.
 DEFAULTS = dict(
@@ -46,24 +47,6 @@ DEFAULTS = dict(
     explain_weight=1.0,
     explain_every=2,
 )
-AUGMENTATIONS = ("flips", "dihedral", "camera", "zoom", "transplant")
-# Random camera changes ("camera" in --augment): each applied to an image with probability p, its parameter
-# drawn uniformly from the range (log-uniformly for factors). Wider than any one line's drift, so the model
-# learns that brightness, focus, noise and compression do not make a scratch.
-CAMERA = dict(
-    gain=dict(p=0.5, factor=(0.6, 1.6), offset=(-25, 25)),
-    contrast=dict(p=0.5, factor=(0.5, 1.6)),
-    gamma=dict(p=0.3, exponent=(0.65, 1.55)),
-    blur=dict(p=0.25, sigma=(0.3, 1.6)),
-    noise=dict(p=0.25, sigma=(2.0, 12.0)),
-    jpeg=dict(p=0.25, quality=(20, 95)),
-)
-ZOOM = dict(p=0.3, factor=(1.0, 1.7))  # "zoom": a closer camera, the window anywhere in the image
-# "transplant": a non-scratch training image, with probability p, gets the marks of a random training scratch
-# (perturb.scratch_marks, inside its annotated boxes) in a random orientation and strength, and becomes a
-# scratch. Every NEU image holds one class, so without it a model can learn "the scratch class's plate" rather
-# than "a line on any plate", and miss a scratch on crazing or patches (bench/README.md, large frames).
-TRANSPLANT = dict(p=0.2, strength=(0.6, 1.4))
 
 
 def parse_args(argv=None):
@@ -115,122 +98,6 @@ def parse_args(argv=None):
         p.error(f"--augment takes a comma-separated list from {', '.join(AUGMENTATIONS)} (flips or dihedral, "
                 f"not both), or none; got {', '.join(unknown) or 'both flips and dihedral'}")
     return args
-
-
-def _uniform(low: float, high: float, draw: float, log: bool = False) -> float:
-    """Map a uniform draw in [0, 1) onto [low, high), evenly or (log=True, for factors) evenly in ratio."""
-    if log:
-        return math.exp(math.log(low) + draw * (math.log(high) - math.log(low)))
-    return low + draw * (high - low)
-
-
-def camera_change(image: np.ndarray, draws: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Apply each of CAMERA's changes with its probability: optics first (blur), then the sensor (gain,
-    contrast, gamma, noise), then compression (JPEG), as a real image is made. draws: 13 uniforms."""
-    c = CAMERA
-    if draws[0] < c["blur"]["p"]:
-        image = perturb.blur(image, _uniform(*c["blur"]["sigma"], draws[1]))
-    if draws[2] < c["gain"]["p"]:
-        image = perturb.gain(image, _uniform(*c["gain"]["factor"], draws[3], log=True),
-                             _uniform(*c["gain"]["offset"], draws[4]))
-    if draws[5] < c["contrast"]["p"]:
-        image = perturb.contrast(image, _uniform(*c["contrast"]["factor"], draws[6], log=True))
-    if draws[7] < c["gamma"]["p"]:
-        image = perturb.gamma(image, _uniform(*c["gamma"]["exponent"], draws[8], log=True))
-    if draws[9] < c["noise"]["p"]:
-        image = perturb.noise(image, _uniform(*c["noise"]["sigma"], draws[10]), rng)
-    if draws[11] < c["jpeg"]["p"]:
-        image = perturb.jpeg(image, round(_uniform(*c["jpeg"]["quality"], draws[12])))
-    return image
-
-
-def augment(batch: torch.Tensor, generator: torch.Generator, kinds=AUGMENTATIONS[1:], masks=None):
-    """A randomly changed copy of a uint8 (N, S, S, 3) batch of square images; labels stay as they are.
-    With `masks` (float32 (N, S, S) scratch boxes), returns (images, masks), the masks moved as their images.
-
-    dihedral: one of the 8 symmetries (4 quarter turns x mirror), exact: scratches run in every direction
-    in NEU (boxes wider than tall and taller than wide), so every orientation is as likely as any other.
-    flips: up-down and left-right flips only (4 of the 8). zoom: ZOOM. camera: CAMERA.
-    All randomness comes from `generator`, so a seed gives the same batches.
-    """
-    images = batch.numpy()
-    draws = torch.rand(len(images), 18, generator=generator, dtype=torch.float64).numpy()
-    seeds = torch.randint(0, 2**31 - 1, (len(images),), generator=generator).tolist()
-    out, moved = [], []
-    for i, (image, draw, seed) in enumerate(zip(images, draws, seeds)):
-        mask = None if masks is None else masks[i].numpy()[..., None]
-        symmetry = None
-        if "dihedral" in kinds:
-            symmetry = int(draw[0] * 8)
-        elif "flips" in kinds:
-            symmetry = (0, 2, 5, 7)[int(draw[0] * 4)]  # identity, half turn, 2 mirrors
-        if symmetry is not None:
-            image = perturb.dihedral(image, symmetry)
-            mask = None if mask is None else perturb.dihedral(mask, symmetry)
-        if "zoom" in kinds and draw[1] < ZOOM["p"]:
-            factor, center = _uniform(*ZOOM["factor"], draw[2], log=True), (draw[3], draw[4])
-            image = perturb.magnify(image, factor, center=center)
-            mask = None if mask is None else perturb.magnify(mask, factor, center=center)
-        if "camera" in kinds:
-            image = camera_change(image, draw[5:18], np.random.default_rng(seed))
-        out.append(image)
-        moved.append(mask)
-    images = torch.from_numpy(np.stack(out))
-    return images if masks is None else (images, torch.from_numpy(np.stack(moved)[..., 0]))
-
-
-def scratch_boxes(samples, annotations: dict) -> list:
-    """Per sample: its NEU-DET ((width, height), boxes) when it is a scratch with a box file, else None."""
-    found = []
-    for sample in samples:
-        xml = annotations.get(Path(sample.relpath).stem)
-        found.append(read_boxes(xml) if sample.label == 1 and xml is not None else None)
-    return found
-
-
-def box_masks(boxes: list, image_size: int) -> torch.Tensor:
-    """float32 (N, S, S): each sample's scratch boxes (scratch_boxes) as a mask; all zeros where it has none."""
-    shape = (image_size, image_size)
-    return torch.from_numpy(np.stack([np.zeros(shape, np.float32) if b is None else
-                                      explain_loss.boxes_mask(*b, shape) for b in boxes]))
-
-
-def scratch_mark_bank(samples, pixels: np.ndarray, annotations: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """float32 (M, S, S) each: the marks of every training scratch that has boxes, at the model's input size
-    (boxes scaled from the annotated size), and the masks of those boxes. None when no scratch has boxes:
-    transplant is then skipped."""
-    marks, masks = [], []
-    for sample, image, found in zip(samples, pixels, scratch_boxes(samples, annotations)):
-        if found is None:
-            continue
-        (width, height), boxes = found
-        sx, sy = image.shape[1] / width, image.shape[0] / height
-        boxes = [(round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)) for x0, y0, x1, y1 in boxes]
-        marks.append(perturb.scratch_marks(image[..., 0], boxes))
-        masks.append(explain_loss.boxes_mask(*found, image.shape[:2]))
-    return (torch.from_numpy(np.stack(marks)), torch.from_numpy(np.stack(masks))) if marks else None
-
-
-def transplant(batch: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor, generator: torch.Generator,
-               mark_masks: torch.Tensor | None = None, masks: torch.Tensor | None = None):
-    """TRANSPLANT on a uint8 (N, S, S, 3) batch: -> (new batch, new labels). Scratch images are untouched.
-    With `mark_masks` (the bank's box masks) and the batch's `masks`: -> (batch, labels, masks), a changed
-    image's mask being its pasted mark's box."""
-    draws = torch.rand(len(batch), 3, generator=generator, dtype=torch.float64).tolist()
-    picks = torch.randint(0, len(marks), (len(batch),), generator=generator).tolist()
-    images, targets = batch.clone(), targets.clone()
-    masks = None if masks is None else masks.clone()
-    for i, (draw, pick) in enumerate(zip(draws, picks)):
-        if targets[i] == 1 or draw[0] >= TRANSPLANT["p"]:
-            continue
-        mark = perturb.dihedral(marks[pick].numpy(), int(draw[1] * 8))
-        strength = _uniform(*TRANSPLANT["strength"], draw[2], log=True)
-        planted = images[i].numpy().astype(np.float32) + strength * mark[..., None]
-        images[i] = torch.from_numpy(np.clip(np.rint(planted), 0, 255).astype(np.uint8))
-        targets[i] = 1
-        if masks is not None:
-            masks[i] = torch.from_numpy(perturb.dihedral(mark_masks[pick].numpy(), int(draw[1] * 8)))
-    return (images, targets) if masks is None else (images, targets, masks)
 
 
 def one_cycle(total_steps: int, warmup: float = 0.1, start: float = 0.04):
@@ -299,33 +166,6 @@ def train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator
     return total_loss / seen, correct / seen
 
 
-def choose_threshold(probabilities, labels, eps: float = 1e-6) -> float:
-    """The decision threshold, chosen on validation data.
-
-    Rule: maximise Youden's J (recall + specificity - 1) over all cut points; among the cut points that tie,
-    take the widest gap between a non-defect score and a defect score, and cut in its middle measured in
-    log-odds, the scale on which the network's scores live. (Halfway in probability would put the cut next
-    to the scratches whenever the non-defects sit near 0: a gap from 0.01 to 0.6 is cut at 0.11, not 0.31.)
-    Scores are clipped to [eps, 1 - eps]. With no validation defects or no non-defects, 0.5.
-    """
-    probabilities = np.clip(np.asarray(probabilities, dtype=np.float64), eps, 1 - eps)
-    labels = np.asarray(labels)
-    if not (labels == 1).any() or not (labels == 0).any():
-        return 0.5
-    log_odds = np.log(probabilities / (1 - probabilities))
-    scores = np.unique(np.concatenate([[math.log(eps / (1 - eps)), math.log((1 - eps) / eps)], log_odds]))
-    best_j, tied = -np.inf, []
-    for low, high in zip(scores[:-1], scores[1:]):
-        predicted = log_odds >= (low + high) / 2
-        j = predicted[labels == 1].mean() + (~predicted[labels == 0]).mean() - 1
-        if j > best_j + 1e-12:
-            best_j, tied = j, [(low, high)]
-        elif abs(j - best_j) <= 1e-12:
-            tied.append((low, high))
-    low, high = max(tied, key=lambda interval: interval[1] - interval[0])
-    return float(1 / (1 + math.exp(-(low + high) / 2)))
-
-
 def copy_test_images(samples, folder: Path, seen=()) -> tuple[int, int, int]:
     """Copy held-out test images into `folder` (never overwriting), and remove the copies there of `seen`
     images (this model's training and validation images: an earlier seed's test images that this model has
@@ -354,30 +194,6 @@ def copy_test_images(samples, folder: Path, seen=()) -> tuple[int, int, int]:
             print(f"warning: {folder} already has a different {Path(sample.relpath).name}; not copied",
                   file=sys.stderr)
     return copied, present, removed
-
-
-def plot_curves(log_rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in log_rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in log_rows], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in log_rows], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
-    ax_acc.plot(epochs, [r["train_acc"] for r in log_rows], "o-", label="train accuracy")
-    ax_acc.plot(epochs, [r["val_acc"] for r in log_rows], "o-", label="validation accuracy")
-    ax_acc.plot(epochs, [r["val_recall"] for r in log_rows], "s--", label="validation scratch recall")
-    ax_acc.set(xlabel="epoch", title="Accuracy", ylim=(min(0.5, ax_acc.get_ylim()[0]), 1.01))
-    for ax in (ax_loss, ax_acc):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv=None) -> int:

@@ -6,11 +6,11 @@ game, energy in box) beside what it costs in infer.py's own CAM pass, and the ch
     python bench/cam_choice.py --methods layercam --layers features.1 features.2 --json outputs/cam_choice.json
     python bench/cam_choice.py --model /tmp/m.pth --layers features.6 features.8   # quick check
 
-Localization: evaluate.localization_scores on the split's scratch images that have ANNOTATIONS boxes (the
+Localization: metrics.localization_scores on the split's scratch images that have ANNOTATIONS boxes (the
 heatmap for class defect, resized to the image's original geometry; a flat map scores 0, a tie the share of
-its maximal pixels inside the boxes). Cost: local_engine.ModelStreams built as infer.py builds it (BatchNorm folded,
+its maximal pixels inside the boxes). Cost: engines/local.ModelStreams built as infer.py builds it (BatchNorm folded,
 --streams 0 = auto, batch size 16), one warm-up batch per stream untimed, then those images repeated to at
-least --min-images; ms/img = wall time of ModelStreams.run / images (normalisation, forward, backward to the
+least --min-images; ms/img = wall time of ModelStreams.run_batches / images (normalisation, forward, backward to the
 layer, CAM; no decoding and no overlay drawing). The forward pass without CAM (infer.py --no-cam) is the
 reference row. Timings move with machine load: compare rows of one run, and see the load average printed.
 """
@@ -32,12 +32,13 @@ sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
 from common import default_data_dir, load_average, machine_lines, markdown_table, median  # noqa: E402
-from evaluate import SWEEP_LAYERS, find_annotations, localization_scores, read_boxes, select_samples  # noqa: E402
 from gradcam import METHODS, resolve_layer  # noqa: E402
-from infer import DEFAULT_CAM, DEFAULT_CAM_LAYER  # noqa: E402
-from local_engine import ModelStreams  # noqa: E402
-from pipeline import Decoded  # noqa: E402
-from model import fold_batchnorm, load_checkpoint, pick_device  # noqa: E402
+from scratch_detector.engines.local import ModelStreams  # noqa: E402
+from scratch_detector.evaluation import SWEEP_LAYERS, select_samples  # noqa: E402
+from scratch_detector.metrics import find_annotations, localization_scores, read_boxes  # noqa: E402
+from scratch_detector.model import fold_batchnorm, load_checkpoint, pick_device  # noqa: E402
+from scratch_detector.pipeline import Decoded  # noqa: E402
+from scratch_detector.settings import DEFAULT_CAM, DEFAULT_CAM_LAYER  # noqa: E402
 
 SCORE_BATCH = 64  # evaluate.py's default: scores do not depend on it
 
@@ -52,7 +53,7 @@ def boxed_scratches(data_dir: Path, meta: dict, split: str):
 
 def cam_pass_ms(model, meta: dict, pixels: np.ndarray, method: str | None, layer: str, batch_size: int,
                 streams: int, min_images: int, rounds: int, device) -> tuple[float, int, str]:
-    """ms per image of infer.py's model work (ModelStreams.run) with this CAM, or none; -> (median ms/img over
+    """ms per image of infer.py's model work (ModelStreams.run_batches) with this CAM, or none; -> (median ms/img over
     the rounds, images per round, the streams' description)."""
     repeat = max(1, math.ceil(min_images / len(pixels)))
     items = [Decoded(f"{i}", pixels[i % len(pixels)]) for i in range(repeat * len(pixels))]
@@ -60,11 +61,11 @@ def cam_pass_ms(model, meta: dict, pixels: np.ndarray, method: str | None, layer
     runner = ModelStreams(model, meta["normalization"], method, layer, streams, device)
     try:
         warm = [items[:batch_size]] * runner.count  # one batch per model copy, untimed
-        runner.run(iter(warm), lambda *_: None)
+        runner.run_batches(iter(warm), lambda *_: None)
         times = []
         for _ in range(rounds):
             start = time.perf_counter()
-            runner.run(iter(batches), lambda *_: None)
+            runner.run_batches(iter(batches), lambda *_: None)
             times.append(time.perf_counter() - start)
         return 1000 * median(times) / len(items), len(items), runner.describe()
     finally:

@@ -15,7 +15,7 @@ shared pages split between the processes that map them, the honest total); the p
 For the local engine the child's own ru_maxrss (wait4) is printed too.
 
 --driver N times what the driver does alone, whatever the number of workers, on N synthetic entries: the
-listing (walk, sort, overlay names: listing.py), journal.record (JSON line, fsync'd in batches), and the final
+listing (walk, sort, overlay names: storage.py), journal.record (JSON line, fsync'd in batches), and the final
 merge (journal.assemble -> predictions.csv, detections.csv, the review page). These bound a cluster's rate.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 from common import ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, run_child, tree
 
 sys.path.insert(0, str(ROOT))
-from journal import lines_on_disk  # noqa: E402  (standard library only: this process stays light)
+from scratch_detector.storage import lines_on_disk  # noqa: E402  (standard library only: this process stays light)
 from infer_speed import build_inputs, neu_images
 
 
@@ -86,9 +86,10 @@ def kill_at(inputs: Path, output: Path, engine: str, fraction: float, n: int, lo
 
 def driver_parts(n: int, work: Path) -> list[list]:
     """Rates of the driver's serial steps on n synthetic images (empty files: no model, no overlay)."""
-    import infer
-    from journal import RunJournal
-    from review import PageWriter
+    from scratch_detector.inference import list_images
+    from scratch_detector.review import PageWriter
+    from scratch_detector.settings import CSV_COLUMNS, DETECTION_COLUMNS
+    from scratch_detector.storage import RunJournal
 
     root, out = work / "driver_in", work / "driver_out"
     for camera in range(10):
@@ -98,7 +99,7 @@ def driver_parts(n: int, work: Path) -> list[list]:
     out.mkdir()
     rows = []
     started = time.perf_counter()
-    listing = infer.list_images(root, out)
+    listing = list_images(root, out)
     rows.append(["listing (walk, sort, name)", time.perf_counter() - started])
     key = {"bench": True}
     with RunJournal.open(out, key, log=lambda message: None) as journal:
@@ -113,10 +114,10 @@ def driver_parts(n: int, work: Path) -> list[list]:
         rows.append(["journal.record (+ fsync per 256)", time.perf_counter() - started])
         started = time.perf_counter()
         page = PageWriter(out / "index.html", {"model": "bench"}, scratch=out)
-        journal.assemble(listing.keys(), lambda key, tables: [page.add(dict(zip(infer.CSV_COLUMNS, row)))
+        journal.assemble(listing.keys(), lambda key, tables: [page.add(dict(zip(CSV_COLUMNS, row)))
                                                              for row in tables["predictions"]],
-                         predictions=(out / "predictions.csv", infer.CSV_COLUMNS),
-                         detections=(out / "detections.csv", infer.DETECTION_COLUMNS))
+                         predictions=(out / "predictions.csv", CSV_COLUMNS),
+                         detections=(out / "detections.csv", DETECTION_COLUMNS))
         page.write()
         rows.append(["final merge (CSVs + page)", time.perf_counter() - started])
         journal.finish()

@@ -6,7 +6,7 @@ are planted scratches found, and do the heatmap and the top detection point at t
     python bench/frames.py --speed                  # tiles/s against images/s on 200 x 200 images, peak RSS
     python bench/frames.py --speed --many 1000      # ... with a folder of 1000 large frames (long: ~5x the default)
 
-The frames are built from the checkpoint's test split only (evaluate.select_samples), in a temp folder deleted
+The frames are built from the checkpoint's test split only (evaluation.select_samples), in a temp folder deleted
 after; infer.py runs on them as a child process with its defaults, plus --save-heatmaps for the pointing
 score. --keep DIR copies the overlays and CSVs out (outside the repo, or under its git-ignored outputs/: they
 are made from NEU images).
@@ -56,7 +56,7 @@ from PIL import Image
 from common import ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, run_child
 
 sys.path.insert(0, str(ROOT))
-import perturb  # noqa: E402  (numpy and OpenCV only: this process stays light)
+from scratch_detector import perturb  # noqa: E402  (numpy and OpenCV only: this process stays light)
 
 # This process stays light (no torch): a child's peak RSS (ru_maxrss) starts from its parent's at the fork.
 # The frames are built by a child of their own (--build-worker), which reads the checkpoint and the split.
@@ -217,7 +217,7 @@ class Sources:
         return sample
 
     def scratch(self):
-        from evaluate import read_boxes
+        from scratch_detector.metrics import read_boxes
         sample = self.scratches[self.counts["scratch"] % len(self.scratches)]
         self.counts["scratch"] += 1
         return sample, read_boxes(self.annotations[Path(sample.relpath).stem])[1]
@@ -296,8 +296,9 @@ def build_speed_inputs(sources: Sources, samples, work: Path, n_small: int, n_di
 
 def build_worker(args) -> int:
     """The child that reads the checkpoint and the test split and writes the frames and build.json."""
-    from evaluate import find_annotations, select_samples
-    from model import load_checkpoint
+    from scratch_detector.evaluation import select_samples
+    from scratch_detector.metrics import find_annotations
+    from scratch_detector.model import load_checkpoint
 
     work = args.work
     data_dir = default_data_dir(args.data_dir)

@@ -52,7 +52,7 @@ def peer_worker(input_dir: Path, output_dir: Path, model_path: Path, size: int) 
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     import dataset
-    from model import load_checkpoint
+    from scratch_detector.model import load_checkpoint
 
     started = time.perf_counter()  # after imports, as infer.py's own timer
     model, meta = load_checkpoint(model_path)

@@ -27,11 +27,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dataset  # noqa: E402
-from gradcam import GradCAM, encode_overlay, render_overlay  # noqa: E402
-from infer import DEFAULT_CAM, DEFAULT_CAM_LAYER  # noqa: E402
-from local_engine import ModelStreams  # noqa: E402
-from pipeline import Decoded  # noqa: E402
-from model import build_model, fold_batchnorm, load_checkpoint  # noqa: E402
+from gradcam import GradCAM  # noqa: E402
+from scratch_detector.engines.local import ModelStreams  # noqa: E402
+from scratch_detector.model import build_model, fold_batchnorm, load_checkpoint  # noqa: E402
+from scratch_detector.overlay import encode_overlay, render_overlay  # noqa: E402
+from scratch_detector.pipeline import Decoded  # noqa: E402
+from scratch_detector.settings import DEFAULT_CAM, DEFAULT_CAM_LAYER  # noqa: E402
 
 from common import default_data_dir, machine_lines  # noqa: E402
 
@@ -82,9 +83,9 @@ def cam_images_per_second(model, streams: int, pixels: np.ndarray, rounds: int =
     runner = ModelStreams(model, "per-image", DEFAULT_CAM, DEFAULT_CAM_LAYER, streams, torch.device("cpu"))
     batch = [Decoded(str(i), image) for i, image in enumerate(pixels)]
     try:
-        runner.run(iter([batch] * streams), lambda *result: None)  # warm-up
+        runner.run_batches(iter([batch] * streams), lambda *result: None)  # warm-up
         start = time.perf_counter()
-        runner.run(iter([batch] * (streams * rounds)), lambda *result: None)
+        runner.run_batches(iter([batch] * (streams * rounds)), lambda *result: None)
         return streams * rounds * len(batch) / (time.perf_counter() - start)
     finally:
         runner.close()

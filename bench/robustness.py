@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
-import perturb  # noqa: E402
 from common import default_data_dir, machine_lines, markdown_table  # noqa: E402
-from evaluate import binary_metrics, select_samples  # noqa: E402
-from model import load_checkpoint, pick_device, predict_probabilities  # noqa: E402
+from scratch_detector import perturb  # noqa: E402
+from scratch_detector.evaluation import select_samples  # noqa: E402
+from scratch_detector.metrics import binary_metrics  # noqa: E402
+from scratch_detector.model import load_checkpoint, pick_device, predict_probabilities  # noqa: E402
 
 # name -> change(image, rng); the rng is seeded per image, so every run perturbs identically
 PERTURBATIONS = {

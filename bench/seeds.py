@@ -52,8 +52,9 @@ def train(seed: int, data_dir: Path, train_args: list[str], work: Path) -> tuple
 def score(checkpoint: Path, data_dir: Path, robustness: bool) -> dict:
     """Clean val and test metrics of one checkpoint, and its camera-change rows on the test split."""
     import dataset
-    from evaluate import binary_metrics, select_samples
-    from model import load_checkpoint, pick_device, predict_probabilities
+    from scratch_detector.evaluation import select_samples
+    from scratch_detector.metrics import binary_metrics
+    from scratch_detector.model import load_checkpoint, pick_device, predict_probabilities
 
     device = pick_device("auto")
     model, meta = load_checkpoint(checkpoint, device)

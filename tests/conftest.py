@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
-from model import build_model, save_checkpoint  # noqa: E402
+from scratch_detector.model import build_model, save_checkpoint  # noqa: E402
 
 
 def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:

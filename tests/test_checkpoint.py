@@ -16,10 +16,10 @@ import torchvision
 from torchvision.models import efficientnet_b0
 
 import dataset
-import model as model_module
+from scratch_detector import model as model_module
 from conftest import ROOT, save_image
 from gradcam import GradCAM
-from model import (CheckpointError, EfficientNetB0, PretrainedUnavailable, build_model, fold_batchnorm,
+from scratch_detector.model import (CheckpointError, EfficientNetB0, PretrainedUnavailable, build_model, fold_batchnorm,
                    load_checkpoint, save_checkpoint)
 
 META = {"image_size": 64, "mean": list(dataset.IMAGENET_MEAN), "std": list(dataset.IMAGENET_STD),
@@ -305,7 +305,7 @@ def test_imagenet_weights_from_cache(offline_hub, imagenet_like, choice, capsys)
 @pytest.fixture
 def no_lite0(tmp_path, monkeypatch):
     """The Lite0 package's weights file missing, as on an install without it."""
-    import lite0
+    from scratch_detector import lite0
     monkeypatch.setattr(lite0, "weights_file", lambda: tmp_path / "no-lite0" / lite0.WEIGHTS_NAME)
 
 

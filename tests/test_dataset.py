@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import dataset
-import pipeline
+from scratch_detector import pipeline
 from conftest import run_script, save_image, synthetic_image
 from dataset import NEU_CLASSES, DataError
 

@@ -14,8 +14,8 @@ import torchvision
 from conftest import run_script
 
 import dataset
-from evaluate import SWEEP_LAYERS
-from model import load_checkpoint
+from scratch_detector.evaluation import SWEEP_LAYERS
+from scratch_detector.model import load_checkpoint
 
 PER_CLASS = 12
 TRAIN_ARGS = ["--max-per-class", PER_CLASS, "--epochs", 1, "--image-size", 64, "--batch-size", 16,

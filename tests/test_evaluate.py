@@ -7,10 +7,10 @@ import torch
 from conftest import write_voc
 from torch import nn
 
-from evaluate import (binary_metrics, box_mask, energy_in_box, localization_scores, pointing_hit, read_boxes,
-                      roc_auc)
 from gradcam import METHODS
-from train import choose_threshold
+from scratch_detector.metrics import (binary_metrics, box_mask, choose_threshold, energy_in_box, localization_scores,
+                                      pointing_hit, read_boxes, roc_auc)
+
 
 def test_voc_boxes_are_one_based_inclusive(tmp_path):
     size, boxes = read_boxes(write_voc(tmp_path / "a.xml", (200, 100), [(1, 1, 10, 5), (191, 91, 200, 100)]))

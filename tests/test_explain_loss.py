@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-import explain_loss
-import train
+from scratch_detector import explain_loss
+from scratch_detector import augment as augmentation
 
 
 def test_boxes_mask_scales_voc_boxes():
@@ -32,8 +32,8 @@ def test_masks_move_with_their_images(kinds):
     """Whatever symmetry or zoom an image gets, its mask gets the same: the bright bar stays inside it."""
     images, masks = marked_batch()
     for seed in range(5):
-        plain = train.augment(images, torch.Generator().manual_seed(seed), kinds)
-        out, moved = train.augment(images, torch.Generator().manual_seed(seed), kinds, masks)
+        plain = augmentation.augment(images, torch.Generator().manual_seed(seed), kinds)
+        out, moved = augmentation.augment(images, torch.Generator().manual_seed(seed), kinds, masks)
         assert torch.equal(out, plain)  # masks change nothing else: the same random draws
         for image, mask in zip(out.numpy(), moved.numpy()):
             bright = image[..., 0] > 128
@@ -46,7 +46,7 @@ def test_masks_move_with_their_images(kinds):
 
 def test_camera_changes_leave_masks_alone():
     images, masks = marked_batch()
-    _, moved = train.augment(images, torch.Generator().manual_seed(0), ("camera",), masks)
+    _, moved = augmentation.augment(images, torch.Generator().manual_seed(0), ("camera",), masks)
     assert torch.equal(moved, masks)
 
 
@@ -61,8 +61,8 @@ def test_transplant_gives_the_pasted_marks_their_box():
     labels[:5] = 1
     masks = torch.zeros(40, size, size)
     masks[:5, 0:3, 0:3] = 1  # the real scratches' own boxes stay
-    plain = train.transplant(batch, labels, marks, torch.Generator().manual_seed(3))
-    out, out_labels, out_masks = train.transplant(batch, labels, marks, torch.Generator().manual_seed(3),
+    plain = augmentation.transplant(batch, labels, marks, torch.Generator().manual_seed(3))
+    out, out_labels, out_masks = augmentation.transplant(batch, labels, marks, torch.Generator().manual_seed(3),
                                                   mark_masks, masks)
     assert torch.equal(out, plain[0]) and torch.equal(out_labels, plain[1])
     changed = (out != batch).flatten(1).any(1)

@@ -12,9 +12,10 @@ from pytorch_grad_cam import LayerCAM as RefLayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import dataset
-from gradcam import METHODS, GradCAM, encode_overlay, render_overlay, resolve_layer, scale_per_image
-from infer import DEFAULT_CAM_LAYER
-from model import EfficientNetB0, build_model, load_checkpoint, save_checkpoint
+from gradcam import METHODS, GradCAM, resolve_layer, scale_per_image
+from scratch_detector.model import EfficientNetB0, build_model, load_checkpoint, save_checkpoint
+from scratch_detector.overlay import encode_overlay, render_overlay
+from scratch_detector.settings import DEFAULT_CAM_LAYER
 
 REFERENCE = {"gradcam": RefGradCAM, "gradcam++": RefGradCAMPlusPlus, "layercam": RefLayerCAM}
 SIZE = 64  # the fixture model's input size

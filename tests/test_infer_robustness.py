@@ -25,11 +25,12 @@ import torch
 from PIL import Image
 
 import dataset
-import infer
 from conftest import ROOT, run_script, save_image
-from model import load_checkpoint
-from runtime import interrupts_deferred, run_main
-from tiler import Tiler
+from scratch_detector.inference import remove_stale_overlays
+from scratch_detector.model import load_checkpoint
+from scratch_detector.runtime import interrupts_deferred, printable, run_main
+from scratch_detector.settings import overlay_names
+from scratch_detector.tiler import Tiler
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile"]
@@ -174,7 +175,7 @@ def test_messy_folder(tmp_path, decisive_checkpoint):
 
     rows = read_rows(out / "predictions.csv")
     expected = sorted(good | bad)
-    assert [r["image"] for r in rows] == [infer.printable(r) for r in expected]  # one row each, by path
+    assert [r["image"] for r in rows] == [printable(r) for r in expected]  # one row each, by path
     by_name = dict(zip(expected, rows))
     threshold = 0.5
     for relpath in sorted(good):
@@ -347,7 +348,7 @@ def test_stale_overlay_cleanup_only_touches_overlays(tmp_path):
            "gradcam/../../elsewhere_gradcam.png", "gradcam/link_gradcam.png", "gradcam/kept_gradcam.png"}
     save_image(out / "gradcam" / "sub" / "older_gradcam.jpg")
     old.add("gradcam/sub/older_gradcam.jpg")
-    removed = infer.remove_stale_overlays(out, old, {"gradcam/kept_gradcam.png"})
+    removed = remove_stale_overlays(out, old, {"gradcam/kept_gradcam.png"})
     assert removed == 2 and not (out / "gradcam" / "old_gradcam.png").exists()
     assert not (out / "gradcam" / "sub" / "older_gradcam.jpg").exists()
     assert (out / "notes.txt").exists() and (out / "gradcam" / "photo.png").exists() and outside.exists()
@@ -357,19 +358,19 @@ def test_output_inside_input_is_not_read_back(tmp_path):
     save_image(tmp_path / "photos" / "a.png")
     save_image(tmp_path / "photos" / "results" / "gradcam" / "a_gradcam.png")  # a previous run's overlay
     save_image(tmp_path / "photos" / "results" / "kept.png")
-    found = infer.find_images(tmp_path / "photos", skip=tmp_path / "photos" / "results" / "gradcam")
-    assert [p.relative_to(tmp_path / "photos").as_posix() for p in found] == ["a.png", "results/kept.png"]
+    found = sorted(dataset.walk_images(tmp_path / "photos", skip=tmp_path / "photos" / "results" / "gradcam"))
+    assert found == ["a.png", "results/kept.png"]
 
 
 def test_overlay_names_never_collide():
     relpaths = ["a.jpg", "a.png", "a_jpg.png", "A.JPG", "x/b.tif", "x/b.TIF", "x/b_tif.png", "x/B_tif_2.png"]
-    names = infer.overlay_names(relpaths)
+    names = overlay_names(relpaths)
     assert set(names) == set(relpaths)
     assert len({n.lower() for n in names.values()}) == len(relpaths)
     assert all(n.startswith("gradcam/") and n.endswith("_gradcam.jpg") for n in names.values())
     assert names["x/b_tif.png"].startswith("gradcam/x/")
-    assert infer.overlay_names(["one.png"]) == {"one.png": "gradcam/one_gradcam.jpg"}
-    assert infer.overlay_names(["one.png"], "png") == {"one.png": "gradcam/one_gradcam.png"}
+    assert overlay_names(["one.png"]) == {"one.png": "gradcam/one_gradcam.jpg"}
+    assert overlay_names(["one.png"], "png") == {"one.png": "gradcam/one_gradcam.png"}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,14 +16,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import journal  # noqa: E402
-from journal import RunJournal, file_sha256  # noqa: E402
-from runtime import UserError, write_csv  # noqa: E402
+from scratch_detector import storage as journal  # noqa: E402
+from scratch_detector.runtime import UserError, write_csv  # noqa: E402
+from scratch_detector.storage import RunJournal, file_sha256  # noqa: E402
 
 HEADER = ["image", "prediction", "label", "defect_probability", "gradcam", "status"]
 DET_HEADER = ["image", "tile", "x", "y", "defect_probability"]
 KEY = {"model": "0" * 64, "threshold": 0.5, "image_size": 200, "cam": "layercam", "input": "/line3"}
-# str order, as infer.find_images sorts: '-' < '.' < '/', upper case before lower, a non-UTF-8 name's
+# str order, as the input listing sorts: '-' < '.' < '/', upper case before lower, a non-UTF-8 name's
 # surrogate escape after every letter
 ODD = ["a-b.png", "a.png", "a/b.png", "B.png", "b\udce4d.png", "caf\u00e9.jpg", "comma, \"quote\".png"]
 
@@ -252,8 +252,8 @@ root, tests, out, n, delay = sys.argv[1:]
 sys.path[:0] = [root, tests]
 from pathlib import Path
 import test_journal as t
-from journal import RunJournal
-from runtime import atomic_write
+from scratch_detector.runtime import atomic_write
+from scratch_detector.storage import RunJournal
 out, keys = Path(out), t.make_keys(int(n))
 with RunJournal.open(out, t.KEY, log=lambda message: None) as j:
     j.flush_every = 16

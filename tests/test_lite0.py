@@ -12,8 +12,8 @@ from torch import nn
 from torchvision.ops import SqueezeExcitation
 
 import dataset
-import lite0
-from model import B0_STAGES, PretrainedUnavailable, build_model
+from scratch_detector import lite0
+from scratch_detector.model import B0_STAGES, PretrainedUnavailable, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, kill9_when, run_script, save_image
-from journal import JOURNAL_DIR, SEGMENT_GLOB
+from scratch_detector.storage import JOURNAL_DIR, SEGMENT_GLOB
 
 try:
     import ray  # noqa: F401
@@ -28,7 +28,7 @@ except ImportError as error:
     RAY_MISSING = f"ray not importable ({error}); pip install -r requirements-ray.txt"
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-RAY_TIMEOUT = 240   # a whole Ray run on ~60 images takes ~20 s here: far over it is a deadlock
+RAY_TIMEOUT = 240   # far over what a whole Ray run on these few images takes: beyond it, a deadlock
 N_GOOD = 56
 
 
@@ -179,7 +179,7 @@ def test_killed_ray_run_resumes(folder, decisive_checkpoint):
 
 
 def test_actor_sizing_leaves_room_for_reads():
-    from ray_engine import actor_sizing
+    from scratch_detector.engines.ray_pool import actor_sizing
 
     two = actor_sizing([2.0])
     assert (two.actors, two.cpus_per_actor, two.read_cpus) == (2, 0.5, 1.0)

@@ -1,6 +1,6 @@
-"""Resumable runs of infer.py's local engine (journal.py wired in): kill -9 mid-run, then the same command
+"""Resumable runs of infer.py's local engine (the journal wired in): kill -9 mid-run, then the same command
 finishes the rest with the clean run's bytes; a changed model or threshold starts over; --restart; and the
-on-disk input listing (listing.py) names overlays exactly as infer.overlay_names does.
+on-disk input listing (storage.py) names overlays exactly as settings.overlay_names does.
 
 Scripts run as separate processes on one torch thread, as in test_infer_robustness.py.
 """
@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import infer
-import listing
-from journal import lines_on_disk
+import dataset
+from scratch_detector import storage as listing
+from scratch_detector.inference import list_images, remove_orphan_temp_files
+from scratch_detector.settings import overlay_names
+from scratch_detector.storage import lines_on_disk
 from conftest import ROOT, assert_memory_flat, kill9_when, run_script, save_image
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -92,7 +94,7 @@ def test_sigkill_then_rerun_gives_the_clean_bytes(runs, decisive_checkpoint):
     for name in ("predictions.csv", "detections.csv"):
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
     # the same overlay files, each whole; pixels as the clean run's up to float noise (a resumed run batches
-    # the images differently, which moves CAM values by ~1e-7 and can flip a rounding)
+    # the images differently, which moves CAM values by float rounding and can flip a pixel's rounding)
     resumed, reference = overlays(out), overlays(clean)
     assert sorted(resumed) == sorted(reference) and len(resumed) == N_IMAGES
     for name in resumed:
@@ -101,7 +103,7 @@ def test_sigkill_then_rerun_gives_the_clean_bytes(runs, decisive_checkpoint):
             difference = np.abs(np.asarray(picture, np.int16) - np.asarray(expected, np.int16))
             assert difference.mean() < 0.5, (name, difference.mean())
     assert not (out / ".journal").exists()  # finished: the next run starts fresh
-    assert not infer.remove_orphan_temp_files(out)
+    assert not remove_orphan_temp_files(out)
     page = (out / "index.html").read_text(encoding="utf-8")
     assert f"<b>{N_IMAGES + 1}</b><span>images</span>" in page
 
@@ -139,7 +141,7 @@ def test_restart_starts_over(runs, decisive_checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# listing.py in-process
+# the input listing (storage.py) in-process
 # ---------------------------------------------------------------------------------------------------------
 ODD = ["a.jpg", "a.png", "a_jpg.png", "A.JPG", "x/b.tif", "x/b.TIF", "x/b_tif.png", "x/B_tif_2.png", "X/b.png",
        "X/b_2.png", "x/b_2.png", "deep/er/c.bmp", "Deep/Er/C.bmp", "a-b.png", "a/b.png", "b\udce4d.png",
@@ -162,13 +164,13 @@ def test_listing_names_overlays_as_overlay_names(tmp_path, monkeypatch):
     (root / ".hidden").mkdir()
     (root / ".hidden" / "skip.png").write_bytes(b"")
     (root / "notes.txt").write_bytes(b"")
-    found = [p.relative_to(root).as_posix() for p in infer.find_images(root)]
+    found = sorted(dataset.walk_images(root))
     assert found == relpaths
     for file_format in ("jpg", "png"):
         out = tmp_path / f"out_{file_format}"
         out.mkdir()
-        result = infer.list_images(root, out, file_format)
-        expected = infer.overlay_names(found, file_format)
+        result = list_images(root, out, file_format)
+        expected = overlay_names(found, file_format)
         assert list(result) == [(r, expected[r]) for r in found]
         assert list(result) == list(result)  # read again: the same
         subset = found[::3]

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import run_script, save_image
 
-import review
+from scratch_detector import review
 
 HOSTILE = "<script>alert(1)</script>.png"  # the '/' makes it a folder '<script>alert(1)<' and a file 'script>.png'
 ODD_NAMES = [HOSTILE, "<img src=x onerror=alert(2)>.png", "a \"b\" & 'c' #1 ?x 100%.png", "line\u2028sep\u2029.png"]

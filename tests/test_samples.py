@@ -10,8 +10,8 @@ from collections import Counter
 from conftest import ROOT, run_script
 
 import dataset
-from evaluate import select_samples
-from model import load_checkpoint
+from scratch_detector.evaluation import select_samples
+from scratch_detector.model import load_checkpoint
 
 FOLDER = ROOT / "test_images"
 MAX_PER_CLASS = 6

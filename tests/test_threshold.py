@@ -17,8 +17,8 @@ import torch
 from conftest import random_model_with_spread, run_script, save_image
 
 import dataset
-from evaluate import select_samples
-from model import load_checkpoint, predict_probabilities, save_checkpoint
+from scratch_detector.evaluation import select_samples
+from scratch_detector.model import load_checkpoint, predict_probabilities, save_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -107,7 +107,7 @@ def test_infer_applies_the_checkpoint_threshold_unless_overridden(spread_model):
 # ---------------------------------------------------------------------------------------------------------
 # evaluate.py
 # ---------------------------------------------------------------------------------------------------------
-# 60 optimizer steps (24 training images, batches of 2, 5 epochs; ~5 s): a random-init network needs about
+# 60 optimizer steps (24 training images, batches of 2, 5 epochs): a random-init network needs about
 # that many before its BatchNorm running statistics fit its activations. After a handful of steps (1 epoch
 # in batches of 16) eval mode gives every image the same probability, with no threshold between them.
 TRAIN_ARGS = ["--max-per-class", 6, "--epochs", 5, "--batch-size", 2, "--image-size", 48, "--pretrained", "none"]

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tiler import HeatmapStitcher, Tiler, hottest_tile
+from scratch_detector.tiler import HeatmapStitcher, Tiler, hottest_tile
 
 TILE = 200
 SHAPES = [(200, 200), (201, 351), (1000, 1000), (1024, 4096), (2000, 20000), (150, 4000), (150, 120), (1, 500)]

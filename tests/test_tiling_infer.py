@@ -22,10 +22,10 @@ from conftest import run_script, save_image
 from PIL import Image
 
 import dataset
-import pipeline
-from gradcam import render_overlay
-from model import build_model, load_checkpoint, save_checkpoint
-from tiler import Tiler
+from scratch_detector import pipeline
+from scratch_detector.model import build_model, load_checkpoint, save_checkpoint
+from scratch_detector.overlay import render_overlay
+from scratch_detector.tiler import Tiler
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SIZE = 64                          # the fixture model's input, and its native scale: the tile side
@@ -368,7 +368,7 @@ def test_pending_overlay_bytes_are_bounded():
     import threading
     import time
 
-    from local_engine import Budget
+    from scratch_detector.engines.local import Budget
 
     budget, taken = Budget(100), []
     budget.take(60)

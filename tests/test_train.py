@@ -12,10 +12,12 @@ import torch
 from conftest import run_script, synthetic_image, write_voc
 
 import dataset
-import perturb
 import train
-from evaluate import binary_metrics, select_samples
-from model import load_checkpoint, predict_probabilities
+from scratch_detector import augment as augmentation
+from scratch_detector import perturb
+from scratch_detector.evaluation import select_samples
+from scratch_detector.metrics import binary_metrics
+from scratch_detector.model import load_checkpoint, predict_probabilities
 
 FLIPS = {0, 2, 5, 7}  # perturb.dihedral's identity, half turn (both flips), and the up-down and left-right flips
 
@@ -45,7 +47,7 @@ def test_dihedral_gives_exact_symmetries_of_each_image_in_order():
     generator = torch.Generator().manual_seed(1)
     used = []
     for _ in range(3):
-        out = train.augment(batch, generator, ("dihedral",))
+        out = augmentation.augment(batch, generator, ("dihedral",))
         assert out.dtype == torch.uint8 and out.shape == batch.shape
         used += symmetries_used(batch, out)  # image i -> a symmetry of image i: labels stay aligned
     assert torch.equal(batch, before), "augment must not change its input"
@@ -60,16 +62,16 @@ def test_flips_use_only_the_four_flip_symmetries():
     generator = torch.Generator().manual_seed(2)
     used = []
     for _ in range(2):
-        used += symmetries_used(batch, train.augment(batch, generator, ("flips",)))
+        used += symmetries_used(batch, augmentation.augment(batch, generator, ("flips",)))
     assert set(used) == FLIPS
 
 
-@pytest.mark.parametrize("kinds", [("dihedral",), train.AUGMENTATIONS[1:]])
+@pytest.mark.parametrize("kinds", [("dihedral",), augmentation.AUGMENTATIONS[1:]])
 def test_same_seed_same_batch(kinds):
     batch = random_batch(16, size=32, seed=2)
-    first = train.augment(batch, torch.Generator().manual_seed(7), kinds)
-    again = train.augment(batch, torch.Generator().manual_seed(7), kinds)
-    other = train.augment(batch, torch.Generator().manual_seed(8), kinds)
+    first = augmentation.augment(batch, torch.Generator().manual_seed(7), kinds)
+    again = augmentation.augment(batch, torch.Generator().manual_seed(7), kinds)
+    other = augmentation.augment(batch, torch.Generator().manual_seed(8), kinds)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
 
@@ -99,7 +101,7 @@ def test_default_augmentation_changes_images_but_keeps_each_ones_identity(seed):
     strengths_in = [line_strength(image) for image in images]
     assert strengths_in[scratched] > 3 * max(s for i, s in enumerate(strengths_in) if i != scratched)
 
-    out = train.augment(batch, torch.Generator().manual_seed(seed))
+    out = augmentation.augment(batch, torch.Generator().manual_seed(seed))
     assert out.dtype == torch.uint8 and out.shape == batch.shape
     assert torch.equal(batch, before)
     changed = [not torch.equal(a, b) for a, b in zip(out, batch)]
@@ -224,8 +226,8 @@ def test_transplant_makes_scratches_of_some_clean_images_and_leaves_the_rest_alo
     labels = torch.tensor([i % 2 for i in range(n)])            # half scratches, half not
     marks = torch.from_numpy(rng.uniform(-30, 30, (3, 16, 16)).astype(np.float32))
     before = batch.clone(), labels.clone()
-    out, out_labels = train.transplant(batch, labels, marks, torch.Generator().manual_seed(3))
-    again = train.transplant(batch, labels, marks, torch.Generator().manual_seed(3))
+    out, out_labels = augmentation.transplant(batch, labels, marks, torch.Generator().manual_seed(3))
+    again = augmentation.transplant(batch, labels, marks, torch.Generator().manual_seed(3))
     assert torch.equal(out, again[0]) and torch.equal(out_labels, again[1])   # a seed gives the same batch
     assert torch.equal(batch, before[0]) and torch.equal(labels, before[1])   # the inputs are not changed
 
@@ -233,7 +235,7 @@ def test_transplant_makes_scratches_of_some_clean_images_and_leaves_the_rest_alo
     assert all(labels[i] == 0 for i in changed), "a scratch image is never changed"
     assert torch.equal(out_labels, torch.tensor([int(labels[i] == 1 or i in changed) for i in range(n)]))
     assert 2 <= len(changed) <= 20  # p = 0.2 of 48 clean images: about 10
-    lo, hi = train.TRANSPLANT["strength"]
+    lo, hi = augmentation.TRANSPLANT["strength"]
     for i in changed:
         added = out[i].numpy().astype(np.float32)[..., 0] - batch[i].numpy().astype(np.float32)[..., 0]
         assert all(np.array_equal(out[i][..., 0], out[i][..., c]) for c in (1, 2))
@@ -260,8 +262,8 @@ def test_scratch_mark_bank_takes_annotated_scratches_with_boxes_at_the_input_siz
     write_voc(tmp_path / "crazing_1.xml", (200, 200), [(1, 1, 200, 200)])
     samples = [sample("scratches_1", "scratches"), sample("crazing_1", "crazing"), sample("scratches_2", "scratches")]
     annotations = {"scratches_1": tmp_path / "scratches_1.xml", "crazing_1": tmp_path / "crazing_1.xml"}
-    bank, masks = train.scratch_mark_bank(samples, np.stack([image] * 3), annotations)
+    bank, masks = augmentation.scratch_mark_bank(samples, np.stack([image] * 3), annotations)
     assert bank.shape == (1, 100, 100)
     assert bank[0, 50, 15] > 40 and bank[0, :, 40:].abs().max() < 1e-3
     assert masks.shape == (1, 100, 100) and masks[0, :, 14:17].min() == 1 and masks[0].sum() == 100 * 3
-    assert train.scratch_mark_bank(samples[1:], np.stack([image] * 2), annotations) is None
+    assert augmentation.scratch_mark_bank(samples[1:], np.stack([image] * 2), annotations) is None

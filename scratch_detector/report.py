@@ -1,4 +1,4 @@
-"""report.pdf for evaluate.py: one matplotlib figure per page, each also saved as a PNG beside it."""
+"""report.pdf of an evaluation (evaluation.py): one matplotlib figure per page, each also saved as a PNG beside it."""
 from __future__ import annotations
 
 import csv
@@ -15,6 +15,9 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 import dataset  # noqa: E402
 from gradcam import GradCAM, resolve_layer  # noqa: E402
+
+from .curves import training_curves_figure  # noqa: E402
+from .metrics import curve_points  # noqa: E402
 
 GALLERY_PER_PAGE = 12
 GALLERY_CORRECT = 12  # correctly detected scratches shown (all misclassified images are always shown)
@@ -71,26 +74,14 @@ def training_curves_page(log_path: Path) -> plt.Figure | None:
         rows = list(csv.DictReader(handle))
     if not rows:
         return None
-    epochs = [int(r["epoch"]) for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        ax_loss.plot(epochs, [float(r[key]) for r in rows], "o-", label=label)
-    for key, label in (("train_acc", "train accuracy"), ("val_acc", "validation accuracy"),
-                       ("val_recall", "validation scratch recall")):
-        ax_acc.plot(epochs, [float(r[key]) for r in rows], "o-", label=label)
-    ax_loss.set(title="Training loss", xlabel="epoch", ylabel="cross-entropy")
-    ax_acc.set(title="Training accuracy", xlabel="epoch")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig = training_curves_figure([{key: int(value) if key == "epoch" else float(value) for key, value in r.items()}
+                                  for r in rows])
     fig.suptitle(f"Training curves ({log_path})")
     fig.tight_layout()
     return fig
 
 
 def curves_page(metrics: dict, probabilities, labels, threshold: float) -> plt.Figure:
-    from evaluate import curve_points
-
     fig, (ax_cm, ax_roc, ax_pr) = plt.subplots(1, 3, figsize=(15, 4.8))
     cm = metrics["confusion_matrix"]
     grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])

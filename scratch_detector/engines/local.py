@@ -1,8 +1,9 @@
-"""The local engine of infer.py: a reader thread decodes files into units (pipeline.decode_units), the model
-works on two batches at once (ModelStreams, each on its own copy of the model), and a writer thread draws and
-writes each finished image's overlay and records it in the run's journal. Every queue is bounded (units, and
-bytes of pending overlays), so memory does not grow with the number of images or tiles. ray_engine.py is the
-other engine: the same pipeline.py work, on a Ray Data actor pool.
+"""The local engine: a reader thread decodes files into units (pipeline.decode_units), the model works on
+two batches at once (ModelStreams, each on its own copy of the model), and a writer thread draws and writes
+each finished image's overlay and records it in the run's journal. Every queue is bounded (units, and bytes
+of pending overlays), so memory does not grow with the number of images or tiles. engines/ray_pool.py is the
+other engine: the same pipeline.py work, on a Ray Data actor pool, with the same run(todo, settings, journal,
+header) signature.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from journal import RunJournal
-from listing import Listing
-from pipeline import Aggregator, BatchPredictor, Decoded, Plan, decode_units, error_item, finish_item
-from runtime import interrupts_deferred
+from ..pipeline import Aggregator, BatchPredictor, Decoded, decode_units, error_item, finish_item
+from ..runtime import interrupts_deferred
+from ..settings import Plan, RunSettings
+from ..storage import Listing, RunJournal
 
 OVERLAY_BYTES_PENDING = 64 * 2**20  # overlays drawn by the writer later: at most this much of images + heatmaps
 
@@ -63,8 +64,8 @@ class Budget:
             self.changed.notify_all()
 
 
-def write_results(jobs: queue.Queue, output: Path, settings: dict, journal: RunJournal, budget: Budget,
-                  done, failed: list):
+def write_results(jobs: queue.Queue, settings: RunSettings, journal: RunJournal, budget: Budget, done,
+                  failed: list):
     """Writer thread: for each finished image, render, encode and write its overlay (temp file + rename) and
     heatmap, then record it in the journal (pipeline.finish_item: the order the journal requires); an
     unreadable file's Item is recorded as it is. None ends it. If the journal cannot be written, the error is
@@ -75,8 +76,8 @@ def write_results(jobs: queue.Queue, output: Path, settings: dict, journal: RunJ
             if failed:
                 continue
             if item is None:
-                item = finish_item(result, output, overlay_name, settings["threshold"], settings["overlay_format"],
-                                   settings["save_heatmaps"])
+                item = finish_item(result, settings.output, overlay_name, settings.threshold,
+                                   settings.overlay_format, settings.save_heatmaps)
             journal.record(item.relpath, files=item.files, predictions=item.predictions, detections=item.detections)
             done(item)
         except BaseException as error:  # noqa: BLE001 -- handed to the main thread
@@ -106,8 +107,8 @@ class ModelStreams:
     """Runs batches on `count` copies of the model side by side, each copy in its own thread.
 
     On a small CPU two batches at once, one torch thread each, beat one batch at a time on both cores: this
-    net's layers at 112 px are too small to keep two threads busy (`python bench/profile_parts.py`, CAM pass
-    by streams x threads). Each copy has its own CAM hooks, so no two batches share state. A GPU, or a
+    net's layers are too small to keep two threads busy (`python bench/profile_parts.py`, CAM pass by
+    streams x threads). Each copy has its own CAM hooks, so no two batches share state. A GPU, or a
     single-thread budget (OMP_NUM_THREADS=1), gets one stream. The torch thread count is restored by close().
     """
 
@@ -133,7 +134,7 @@ class ModelStreams:
         finally:
             self.idle.put(predictor)
 
-    def run(self, batches: Iterator[list], record) -> None:
+    def run_batches(self, batches: Iterator[list], record) -> None:
         """record(batch, probabilities, heatmaps) for every batch, in input order, in the calling thread.
         Every copy busy plus one batch waiting, no more: memory stays flat however many images come."""
         pending: deque = deque()
@@ -149,32 +150,33 @@ class ModelStreams:
             record_oldest()
 
     def close(self) -> None:
-        """Let running batches finish (seconds at most), drop queued ones, restore torch's thread count."""
+        """Let running batches finish, drop queued ones, restore torch's thread count."""
         self.pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(self.threads_before)
 
 
-def run(args, todo: Listing, root: Path, output: Path, model, meta: dict, plan: Plan, threshold: float,
-              cam_method: str | None, journal: RunJournal, device: torch.device, header: str) -> int:
+def run(todo: Listing, settings: RunSettings, journal: RunJournal, header: str) -> int:
     """The local engine: `todo` through reader thread -> model streams -> writer thread, each image recorded
-    in the journal once written. Returns the model inputs (tiles + whole images) it ran."""
-    streams = ModelStreams(model, meta["normalization"], cam_method, args.cam_layer, args.streams, device)
+    in the journal once written. Prints `header` with how it runs. Returns the model inputs (tiles + whole
+    images) it ran."""
+    device = torch.device(settings.device)
+    streams = ModelStreams(settings.network, settings.normalization, settings.cam, settings.cam_layer,
+                           settings.streams, device)
     print(f"{header}; device {device}, {streams.describe()}", flush=True)
-    settings = {"threshold": threshold, "overlay_format": args.overlay_format,
-                "save_heatmaps": args.save_heatmaps and cam_method is not None}
     stop = threading.Event()
-    decoded: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
-    jobs: queue.Queue = queue.Queue(maxsize=2 * args.batch_size)
+    decoded: queue.Queue = queue.Queue(maxsize=2 * settings.batch_size)
+    jobs: queue.Queue = queue.Queue(maxsize=2 * settings.batch_size)
     pending = Budget(OVERLAY_BYTES_PENDING)
     names: dict[str, str] = {}  # images in flight only: filled by the reader, emptied as their results come
     failed: list[BaseException] = []
     bar = tqdm(total=len(todo), unit="img", desc="infer", file=sys.stdout)
-    reader = threading.Thread(target=read_ahead, daemon=True, args=(todo, root, plan, decoded, stop, names))
+    reader = threading.Thread(target=read_ahead, daemon=True,
+                              args=(todo, settings.input, settings.plan, decoded, stop, names))
     writer = threading.Thread(target=write_results, daemon=True,
-                              args=(jobs, output, settings, journal, pending, lambda item: bar.update(1), failed))
+                              args=(jobs, settings, journal, pending, lambda item: bar.update(1), failed))
     reader.start()
     writer.start()
-    aggregator = Aggregator(threshold)
+    aggregator = Aggregator(settings.threshold)
     units = Counter()  # model inputs: tiles, and whole images
 
     def check():
@@ -187,16 +189,14 @@ def run(args, todo: Listing, root: Path, output: Path, model, meta: dict, plan: 
 
     def record(batch: list, probabilities: np.ndarray, heatmaps: np.ndarray | None):
         check()
-        for i, unit in enumerate(batch):
-            result = aggregator.add(unit, float(probabilities[i]), None if heatmaps is None else heatmaps[i])
-            if result is not None:
-                if result.overlay is not None:
-                    pending.take(result.overlay.nbytes)
-                jobs.put((None, result, names.pop(result.relpath)))
+        for result in aggregator.add_batch(batch, probabilities, heatmaps):
+            if result.overlay is not None:
+                pending.take(result.overlay.nbytes)
+            jobs.put((None, result, names.pop(result.relpath)))
         units["units"] += len(batch)
 
     try:
-        streams.run(batches_of(decoded, args.batch_size, skip_unreadable), record)
+        streams.run_batches(batches_of(decoded, settings.batch_size, skip_unreadable), record)
     finally:
         with interrupts_deferred():  # a second Ctrl-C must not cut this short
             streams.close()

@@ -2,8 +2,8 @@
 
 Training builds torchvision's efficientnet_b0. Reading a checkpoint builds the same network from torch.nn
 alone (EfficientNetB0 below: same layers, same state_dict keys, same outputs, tested against torchvision):
-`import torchvision` costs 2-4 s of every infer.py start on 2 cores, most of it torchvision.ops
-importing torch._dynamo (`python bench/profile_parts.py`), for nothing inference needs. So torchvision is
+`import torchvision` is a large part of a short run's start, most of it torchvision.ops importing
+torch._dynamo (`python bench/profile_parts.py` measures it), for nothing inference needs. So torchvision is
 imported only where training or the ImageNet weights need it.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dataset import BINARY_CLASSES, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, normalize
-from runtime import UserError, atomic_write
+from .runtime import UserError, atomic_write
 
 ARCH = "efficientnet_b0"
 
@@ -96,7 +96,7 @@ PRETRAINED_CHOICES = ("auto", "imagenet", "lite0", "none")
 
 def _lite0_model() -> tuple[nn.Module, str]:
     """B0 with the ImageNet-trained Lite0 convolutions (lite0.py), or PretrainedUnavailable."""
-    import lite0
+    from . import lite0
     try:
         model = lite0.transplant_lite0(_efficientnet_b0(), lite0.load_lite0_state())
     except (lite0.Lite0Unavailable, ValueError) as error:
@@ -157,7 +157,7 @@ def _conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1, 
     """Conv (no bias, 'same' padding) + BatchNorm (+ SiLU): torchvision's Conv2dNormActivation, as a Sequential.
 
     SiLU not in place (torchvision's is): under autograd, for a CAM, an in-place SiLU makes torch copy its
-    input for the backward pass, 5-10% of a CAM pass on one thread (bench/profile_parts.py). Same outputs."""
+    input for the backward pass, a cost bench/profile_parts.py measures. Same outputs."""
     layers = [nn.Conv2d(in_channels, out_channels, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
               nn.BatchNorm2d(out_channels)]
     return nn.Sequential(*layers, nn.SiLU()) if activation else nn.Sequential(*layers)
@@ -297,7 +297,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{path} is for architecture {checkpoint['arch']!r}, this program runs {ARCH}")
     if not isinstance(checkpoint["classes"], (list, tuple)) or list(checkpoint["classes"]) != BINARY_CLASSES:
         raise CheckpointError(f"{path} has classes {checkpoint['classes']!r}, expected {BINARY_CLASSES}")
-    checkpoint.setdefault("normalization", "imagenet")  # written before per-image standardisation existed
+    checkpoint.setdefault("normalization", "imagenet")  # a checkpoint without the key was ImageNet-normalised
     _check_metadata(path, checkpoint)
     model = EfficientNetB0(num_classes=len(BINARY_CLASSES))
     state = checkpoint["state_dict"]
@@ -315,7 +315,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """For inference: fold every eval-mode BatchNorm into the convolution before it (same outputs up to float
-    rounding; a faster forward pass, 6.0 against 7.3 ms/img, bench/profile_parts.py). The model can no longer train.
+    rounding; a faster forward pass, bench/profile_parts.py). The model can no longer train.
     Works on torchvision's model and on EfficientNetB0: both keep each conv + BatchNorm (+ SiLU) in a Sequential."""
     for block in model.modules():
         if (isinstance(block, nn.Sequential) and len(block) >= 2 and isinstance(block[0], nn.Conv2d)

@@ -1,7 +1,30 @@
-"""The durable record of an inference run: a run killed by a crash, kill -9 or a power cut is finished, not
-restarted, by running the same command again.
+"""The storage of an inference run: its input listing and its journal, both on disk, so that memory does not
+grow with the number of images and a killed run is finished, not restarted, by running the same command again.
 
-Everything lives in OUT/.journal/ (a dot folder: never mixed with the user's files, and find_images skips it):
+The input listing (Listing): every image's relative path and overlay name, in path order.
+
+    listing = sorted_listing(relpaths, scratch, names)    # sort, name: (relpath, overlay) records
+    for relpath, overlay in listing: ...                 # as often as needed, in relpath order
+    todo = listing.subset(keys)                          # the records of some keys (sorted), on disk too
+
+A sorted list of the path strings of a large archive, and a dict of its overlay names, would grow with the
+archive. Here the records go through SortedRecords, an external sort: CHUNK records at a time are sorted in
+memory and spilled to an anonymous temp file (no name: it vanishes when the process ends, kill -9 included),
+then merged. What is held at once: CHUNK records, and while naming, one folder's paths (see overlay names
+below); os.walk itself holds one folder's names at a time.
+
+Records are lists of str written as one JSON line each (ASCII: a file name that is not valid UTF-8,
+surrogate-escaped by Python, or one holding a newline, reads back as the same str). They sort as Python
+sorts the lists: the relative paths in plain str order, as RunJournal needs its keys.
+
+Overlay names: settings.overlay_names over all paths at once, computed one folder at a time. Two overlay
+names can only clash (same name, or the same up to letter case) when their images' folders are the same up
+to letter case, so the paths are sorted by (folder in lower case, path) and each such group is named alone:
+the same names as one call over everything (tests/test_resume.py checks it), in memory for the largest
+group only. Keep the folders of an archive small enough for the filesystem anyway.
+
+The journal (RunJournal) lives in OUT/.journal/ (a dot folder: never mixed with the user's files, and
+dataset.walk_images skips it):
     key.json            what makes the results valid (model digest, threshold, CAM, tiling, input folder)
     seg-00000001.log    result lines, append-only; each run writes new segments, never appends to old ones
     lock                flock'd while a run holds the journal, so two runs cannot share an output folder
@@ -10,11 +33,10 @@ A line is `<crc32 of JSON, 8 hex digits> <JSON>\\n`, JSON = [key, {table: rows},
 ensure_ascii escapes any file name that is not valid UTF-8). A line torn by kill -9 or a power cut fails its
 CRC and is ignored: that item is simply redone.
 
-The driver (infer.py's local engine; a Ray driver later):
+The driver (inference.run_inference, whichever engine does the work):
 
-    run_key = {"model": file_sha256(args.model), "threshold": threshold, "image_size": ..., "cam": ...,
-               "cam_layer": ..., "overlay_format": ..., "tiling": ..., "input": str(root.resolve())}
-    with RunJournal.open(output, run_key, restart=args.restart) as journal:
+    run_key = settings.run_key()       # model digest, threshold, CAM, tiling, input folder ...
+    with RunJournal.open(output, run_key, restart=settings.restart) as journal:
         todo = list(journal.pending(relpaths, expected_files=lambda r: [names[r]]))  # relpaths sorted
         ...  # per finished item, from any thread, AFTER its overlay is renamed into place (atomic_write):
         journal.record(relpath, files=[overlay], predictions=[row], detections=tile_rows)
@@ -31,7 +53,7 @@ Rules for the driver:
     journal starts a new segment (still correct; many segments are merged before reading).
   * An item that is never recorded (e.g. an overlay that could not be written for lack of disk space) is
     redone by the next run; assemble() refuses to write while an input has no record.
-  * Keys are the input's relative paths, sorted as infer.find_images sorts them (plain str order);
+  * Keys are the input's relative paths, sorted as the listing sorts them (plain str order);
     rows hold str, int, float, bool or None, which read back as the same values.
   * pending() yields lazily: a driver may feed it straight to its reader instead of making a list.
 
@@ -45,9 +67,11 @@ import csv
 import ctypes
 import hashlib
 import heapq
+import itertools
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -55,7 +79,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-from runtime import UserError, atomic_write, interrupts_deferred
+from .runtime import UserError, atomic_write, interrupts_deferred, printable
 
 try:
     import fcntl
@@ -66,6 +90,185 @@ try:
 except (OSError, AttributeError):
     _syncfs = None
 
+# ---------------------------------------------------------------------------------------------------------
+# The input listing
+# ---------------------------------------------------------------------------------------------------------
+CHUNK = 10_000      # records sorted in memory at a time
+FAN_IN = 64         # chunk files merged at once; more are merged in rounds first
+READ_BLOCK = 1 << 16  # bytes a reader holds: FAN_IN of them at once in a merge
+
+
+def _line(record) -> bytes:
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+class RecordFile:
+    """Lines written once, then read any number of times, also by several readers at once (os.pread: no
+    shared file position). An anonymous temp file in `folder`."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = folder
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self._size = 0
+        self.count = 0
+
+    def write_lines(self, lines: Iterable[bytes]) -> None:
+        buffer = []
+        for line in lines:
+            buffer.append(line)
+            self.count += 1
+            if len(buffer) >= 4096:
+                self._write(b"".join(buffer))
+                buffer.clear()
+        if buffer:
+            self._write(b"".join(buffer))
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._size += len(data)
+
+    def lines(self) -> Iterator[bytes]:
+        self._file.flush()
+        fd, offset, rest = self._file.fileno(), 0, b""
+        while offset < self._size:
+            block = os.pread(fd, min(READ_BLOCK, self._size - offset), offset)
+            if not block:
+                break
+            offset += len(block)
+            *complete, rest = (rest + block).split(b"\n")
+            yield from complete
+        if rest:
+            yield rest
+
+    def __iter__(self) -> Iterator[list]:
+        for line in self.lines():
+            yield json.loads(line)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class SortedRecords:
+    """add() records (lists of str) in any order; sort() once; then iterate them sorted, as often as needed."""
+
+    def __init__(self, folder: str | Path | None, chunk: int | None = None):
+        self.folder, self.chunk = folder, chunk or CHUNK
+        self._pending: list = []
+        self._runs: list[RecordFile] = []
+        self.result: RecordFile | None = None
+
+    def add(self, record: list) -> None:
+        self._pending.append(record)
+        if len(self._pending) >= self.chunk:
+            self._spill()
+
+    def extend(self, records: Iterable[list]) -> SortedRecords:
+        for record in records:
+            self.add(record)
+        return self
+
+    def _spill(self) -> None:
+        self._pending.sort()
+        run = RecordFile(self.folder)
+        run.write_lines(map(_line, self._pending))
+        self._runs.append(run)
+        self._pending = []
+
+    def sort(self) -> RecordFile:
+        """Merge everything into one sorted RecordFile (also when it all fitted in memory: what stays in
+        memory for the rest of a run must not grow with the number of records)."""
+        if self._pending or not self._runs:
+            self._spill()
+        while len(self._runs) > 1:
+            group, self._runs = self._runs[:FAN_IN], self._runs[FAN_IN:]
+            merged = RecordFile(self.folder)
+            merged.write_lines(line for _, line in heapq.merge(*(_keyed(run) for run in group)))
+            for run in group:
+                run.close()
+            self._runs.append(merged)
+        self.result = self._runs[0]
+        return self.result
+
+
+def _keyed(run: RecordFile) -> Iterator[tuple[list, bytes]]:
+    for line in run.lines():
+        yield json.loads(line), line + b"\n"
+
+
+class Listing:
+    """(relpath, overlay name) records in relpath order, on disk."""
+
+    def __init__(self, records: RecordFile):
+        self.records = records
+
+    def __len__(self) -> int:
+        return self.records.count
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for relpath, overlay in self.records:
+            yield relpath, overlay
+
+    def keys(self) -> Iterator[str]:
+        for relpath, _ in self:
+            yield relpath
+
+    def cursor(self) -> Callable[[str], str]:
+        """name(key) for keys asked in increasing order (as RunJournal.pending asks for expected files)."""
+        records = iter(self)
+        current = next(records, None)
+
+        def name(key: str) -> str:
+            nonlocal current
+            while current is not None and current[0] < key:
+                current = next(records, None)
+            if current is None or current[0] != key:
+                raise KeyError(key)
+            return current[1]
+        return name
+
+    def subset(self, keys: Iterable[str]) -> Listing:
+        """The records of `keys` (sorted, each in this listing), as a new Listing."""
+        chosen = RecordFile(self.records.folder)
+        records = iter(self.records.lines())
+
+        def matching():
+            for key in keys:
+                for line in records:
+                    relpath = json.loads(line)[0]
+                    if relpath == key:
+                        yield line + b"\n"
+                        break
+                    if relpath > key:
+                        raise KeyError(key)
+                else:
+                    raise KeyError(key)
+        chosen.write_lines(matching())
+        return Listing(chosen)
+
+    def close(self) -> None:
+        self.records.close()
+
+
+def name_group(relpath: str) -> str:
+    """Overlays of images whose folders differ only in letter case may clash: the same group."""
+    return printable(relpath.rpartition("/")[0]).lower()
+
+
+def sorted_listing(relpaths: Iterable[str], scratch: str | Path | None,
+                   overlay_names: Callable[[list[str]], dict[str, str]]) -> Listing:
+    """Name every overlay of `relpaths` (in any order) and return the sorted listing (temp files in `scratch`)."""
+    by_group = SortedRecords(scratch).extend([name_group(r), r] for r in relpaths).sort()
+    by_path = SortedRecords(scratch)
+    for _, group in itertools.groupby(by_group, key=lambda record: record[0]):
+        for relpath, name in overlay_names([relpath for _, relpath in group]).items():
+            by_path.add([relpath, name])
+    by_group.close()
+    return Listing(by_path.sort())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The journal
+# ---------------------------------------------------------------------------------------------------------
 JOURNAL_DIR = ".journal"
 SEGMENT_GLOB = "seg-*.log"
 WINDOW = 1024        # lines a reader sorts in memory per segment; the writer splits where that cannot suffice
@@ -205,7 +408,7 @@ class RunJournal:
             return
         with interrupts_deferred():
             try:
-                _make_durable([self.output / name for _, _, files in self._buffer for name in files])
+                make_durable([self.output / name for _, _, files in self._buffer for name in files])
                 for key, line, _ in self._buffer:
                     if self._fd is None or (self._emitted is not None and key < self._emitted):
                         self._new_segment()  # too far out of order for a reader's window
@@ -350,7 +553,7 @@ class RunJournal:
         previous = None
         for key in keys:
             if previous is not None and key <= previous:
-                raise ValueError(f"keys must be sorted and unique (as infer.find_images sorts them): "
+                raise ValueError(f"keys must be sorted and unique (as the listing sorts them): "
                                  f"{key!r} after {previous!r}")
             previous = key
             while record is not None and record[0] < key:
@@ -400,7 +603,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _make_durable(paths: list[Path]) -> None:
+def make_durable(paths: list[Path]) -> None:
     """Put these files' data and names (their renames) on disk. Where Linux has syncfs, one call per
     filesystem: one journal commit, where an fsync per file costs a commit each. Elsewhere, fsync each file
     and folder."""

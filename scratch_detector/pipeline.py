@@ -2,23 +2,28 @@
 driver can run it):
 
     decode_units(path, relpath, plan)      a file -> work units: an image no larger than a tile -> one Decoded
-                                           (decoded as it always was); a larger one -> its Tiles at native
-                                           scale, cut lazily from pixels decoded once
+                                           (shrunk whole to the model input); a larger one -> its Tiles at
+                                           native scale, cut lazily from pixels decoded once
     BatchPredictor(model, ...)(units)      a batch of units (tiles of several images may share one) ->
                                            p(defect) and a CAM heatmap per unit
-    Aggregator(threshold).add(unit, p, heatmap)
-                                           -> a Result once the image's last unit is in: p(defect) (the
+    Aggregator(threshold).add_batch(units, p, heatmaps)
+                                           -> a Result for each image whose last unit is in: p(defect) (the
                                            maximum over its tiles), its detections, its overlay
 
 and, per finished image, its outputs:
 
-    finish_item(result, output, names, threshold, file_format)
+    finish_item(result, output, name, threshold, file_format)
                                            -> an Item: the overlay (and heatmap) written into place, the CSV
                                            rows, the files the run journal is to check
     error_item(decoded)                    -> an Item for a file that could not be read
 
-Two drivers run them: infer.py's local engine (reader thread, model streams, writer thread) and
-ray_engine.py's actors (run_files: the same stages one after the other, in each of several processes).
+Two engines run them: engines/local.py (reader thread, model streams, writer thread) and engines/ray_pool.py's
+actors (run_files: the same stages one after the other, in each of several processes). evaluate.py's review
+page draws its overlays through decode, Aggregator and finish_item too.
+
+What is what: a unit (Decoded: a whole image; Tile: one tile of a Frame, a large image) is what the model
+takes; a Result is one image's verdict and overlay, aggregated from its units; an Item is that image's rows
+and files as the journal records them. settings.Plan says how files become units.
 
 Tiles are cut at the scale the model was trained at: `Plan.tile` frame pixels a side (NEU's 200 x 200
 images), each resized to the checkpoint's image size as a whole NEU image is; see tiler.Tiler for the
@@ -42,17 +47,15 @@ import torch
 from PIL import Image
 
 import dataset
-from gradcam import GradCAM, encode_overlay, render_overlay
-from runtime import atomic_write
-from tiler import HeatmapStitcher, Tiler, hottest_tile
+from gradcam import GradCAM
+
+from .overlay import encode_overlay, render_overlay
+from .runtime import atomic_write
+from .settings import Plan, RunSettings, heatmap_name
+from .tiler import HeatmapStitcher, Tiler, hottest_tile
 
 DISPLAY_MAX_SIDE = 512       # overlays of images that are not tiled are drawn at most this wide/high
-FRAME_OVERLAY_SIDE = 2048    # a tiled image's whole overlay (both panels and the banner) fits this square
 BANNER_ROOM = 48             # render_overlay's banner is at most 41 px high
-CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile"]
-DETECTION_COLUMNS = ["image", "x", "y", "width", "height", "defect_probability"]
-OVERLAY_DIR = "gradcam"
-HEATMAP_DIR = "heatmaps"
 
 
 def error_text(error: BaseException) -> str:
@@ -63,19 +66,6 @@ def error_text(error: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Units of work
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Plan:
-    """How files become units."""
-    image_size: int                          # the model's input side (the checkpoint's image_size)
-    tile: int | None = dataset.NATIVE_SIZE   # tile side in image pixels; None: never tile (--tile off)
-    stride: int | None = None                # None: tiler.Tiler's default, a quarter overlap
-    with_display: bool = True                # overlays wanted: keep an image to draw them on
-    overlay_side: int = FRAME_OVERLAY_SIDE
-
-    def is_large(self, width: int, height: int) -> bool:
-        return self.tile is not None and (width > self.tile or height > self.tile)
-
-
 @dataclass
 class Decoded:
     """A whole image, shrunk to the model input: every image with --tile off, else one that fits in a tile."""
@@ -163,7 +153,7 @@ def decode_units(path, relpath: str, plan: Plan) -> Iterator[Decoded | Tile]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-    except Exception:  # the whole-image decoder reports it exactly as it always has
+    except Exception:  # the whole-image decoder reports it, as for any image it cannot read
         yield decode(path, relpath, plan.image_size, plan.with_display)
         return
     if not plan.is_large(width, height):
@@ -217,7 +207,7 @@ class BatchPredictor:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Overlay:
-    """What the overlay writer draws: gradcam.render_overlay's inputs."""
+    """What the overlay writer draws: overlay.render_overlay's inputs."""
     display: np.ndarray
     heatmap: np.ndarray
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # in display pixels
@@ -283,6 +273,15 @@ class Aggregator:
         self.threshold = threshold
         self.open: dict[int, _Open] = {}
 
+    def add_batch(self, batch: list, probabilities: np.ndarray, heatmaps: np.ndarray | None) -> list[Result]:
+        """The Results of the images that a batch of units (BatchPredictor's outputs for it) completes."""
+        results = []
+        for i, unit in enumerate(batch):
+            result = self.add(unit, float(probabilities[i]), None if heatmaps is None else heatmaps[i])
+            if result is not None:
+                results.append(result)
+        return results
+
     def add(self, unit: Decoded | Tile, probability: float, heatmap: np.ndarray | None) -> Result | None:
         if isinstance(unit, Decoded):
             return self._whole(unit, probability, heatmap)
@@ -339,11 +338,6 @@ class Item:
     units: int = 0                       # model inputs it took (tiles, or 1)
 
 
-def heatmap_name(overlay_name: str) -> str:
-    """gradcam/<x>_gradcam.jpg -> heatmaps/<x>_heatmap.npy (--save-heatmaps)."""
-    return HEATMAP_DIR + overlay_name[len(OVERLAY_DIR):].rsplit("_gradcam.", 1)[0] + "_heatmap.npy"
-
-
 def error_item(unit: Decoded) -> Item:
     return Item(unit.relpath, [], [[unit.relpath, "", "", "", "", f"error: {unit.error}", "", ""]], [])
 
@@ -379,31 +373,28 @@ def finish_item(result: Result, output: Path, overlay_name: str, threshold: floa
     return Item(result.relpath, files, [row], detections, result.tiles)
 
 
-def run_files(files: Iterable[tuple[Path, str, str]], plan: Plan, predictor: BatchPredictor, threshold: float,
-              batch_size: int, output: Path, file_format: str, save_heatmaps: bool = False) -> Iterator[Item]:
-    """(path, relpath, overlay name) -> an Item each, in order: decode, predict in batches of `batch_size`
-    units, aggregate, write. One thread, the stages one after the other (ray_engine's actors: parallel
-    across processes); infer.py's local engine runs the same stages in overlapping threads instead."""
-    aggregator, names, batch, done = Aggregator(threshold), {}, [], []
+def run_files(files: Iterable[tuple[Path, str, str]], predictor: BatchPredictor, settings: RunSettings
+              ) -> Iterator[Item]:
+    """(path, relpath, overlay name) -> an Item each, in order: decode, predict in batches of
+    settings.batch_size units, aggregate, write. One thread, the stages one after the other (the Ray engine's
+    actors: parallel across processes); the local engine runs the same stages in overlapping threads instead."""
+    aggregator, names, batch, done = Aggregator(settings.threshold), {}, [], []
 
     def predict():
-        probabilities, heatmaps = predictor(batch)
-        for i, unit in enumerate(batch):
-            result = aggregator.add(unit, float(probabilities[i]), None if heatmaps is None else heatmaps[i])
-            if result is not None:
-                done.append(finish_item(result, output, names.pop(result.relpath), threshold, file_format,
-                                        save_heatmaps))
+        for result in aggregator.add_batch(batch, *predictor(batch)):
+            done.append(finish_item(result, settings.output, names.pop(result.relpath), settings.threshold,
+                                    settings.overlay_format, settings.save_heatmaps))
         batch.clear()
 
     for path, relpath, overlay_name in files:
         names[relpath] = overlay_name
-        for unit in decode_units(path, relpath, plan):
+        for unit in decode_units(path, relpath, settings.plan):
             if unit.error:
                 names.pop(relpath)
                 done.append(error_item(unit))
                 continue
             batch.append(unit)
-            if len(batch) == batch_size:
+            if len(batch) == settings.batch_size:
                 predict()
         yield from done
         done.clear()

@@ -1,4 +1,5 @@
-"""Process plumbing shared by the scripts: one-line errors, signals, atomic files, the output-folder check."""
+"""Process plumbing shared by the scripts: one-line errors, signals, atomic files, the output-folder check.
+Standard library only: the core modules (dataset.py) import it too."""
 from __future__ import annotations
 
 import csv
@@ -20,7 +21,7 @@ def run_main(main, skip_teardown: bool = False) -> None:
 
     skip_teardown (for a script's `__main__` only, never in-process): once main() has returned, every file
     it wrote is closed and renamed into place, so exit without Python's teardown, whose garbage collection
-    over torch's modules takes about a second on a 2-core machine (bench/profile_parts.py).
+    over torch's modules is slow (bench/profile_parts.py measures it).
     """
     exit_on_sigterm()
     try:
@@ -63,6 +64,12 @@ def interrupts_deferred():
             signal.signal(signum, handler)
     if received:
         raise KeyboardInterrupt
+
+
+def printable(text) -> str:
+    """Any value as text that encodes as UTF-8: a file name that is not valid UTF-8 (surrogate-escaped by
+    Python) becomes \\udce4 instead of a crash, as in predictions.csv."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def ensure_writable_dir(folder: str | Path, what: str) -> Path:
