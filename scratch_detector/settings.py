@@ -21,7 +21,7 @@ from .runtime import printable
 # The default explanation: on the validation split, the cheapest CAM with pointing game >= 0.95 and energy in
 # box >= 0.65 (`python bench/cam_choice.py`; bench/README.md).
 DEFAULT_CAM = "layercam"
-DEFAULT_CAM_LAYER = "features.1"
+DEFAULT_CAM_LAYER = "features.2"
 
 CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile"]
 DETECTION_COLUMNS = ["image", "x", "y", "width", "height", "defect_probability"]
