@@ -185,3 +185,23 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def train_child(folder: Path, data_dir: Path, args: list[str]) -> tuple[Path, float]:
+    """`python train.py ARGS` as a child process writing only into `folder` (checkpoint, reports, log; never the
+    repository's model_binary.pth or test_images/); -> (checkpoint, wall seconds)."""
+    folder.mkdir()
+    checkpoint = folder / "model.pth"
+    run = run_child([sys.executable, "train.py", "--data-dir", str(data_dir), "--output", str(checkpoint),
+                     "--reports", str(folder / "reports"), "--test-images", "", *args], folder / "train.log")
+    check(run, " ".join(["train.py", *args]))
+    return checkpoint, run.wall_s
+
+
+def training_bench_start(args, varied: str) -> tuple[Path, str, list[str]]:
+    """What a bench that runs train.py prints first: the machine and the command (with what the bench varies);
+    -> (data folder, the train.py command, the machine lines)."""
+    command = " ".join(["python train.py", *args.script_args])
+    machine = machine_lines()
+    print("\n".join(machine) + f"\ncommand: {command} {varied}", flush=True)
+    return default_data_dir(args.data_dir), command, machine

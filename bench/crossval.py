@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from common import (ROOT, check, default_data_dir, load_average, machine_lines, markdown_table,
-                    parse_with_script_args, run_child)
+from common import (ROOT, load_average, markdown_table, parse_with_script_args,
+                    train_child, training_bench_start)
 
 OWNED_BY_BENCH = ("--data-dir", "--output", "--reports", "--test-images", "--cv-fold")
 
@@ -40,27 +40,18 @@ def parse_args(argv=None):
 
 
 def one_fold(fold: int, folds: int, data_dir: Path, train_args: list[str], work: Path) -> dict:
-    folder = work / f"fold{fold}"
-    folder.mkdir()
-    checkpoint = folder / "model.pth"
-    run = run_child([sys.executable, "train.py", "--data-dir", str(data_dir), "--cv-fold", str(fold), str(folds),
-                     "--output", str(checkpoint), "--reports", str(folder / "reports"), "--test-images", "",
-                     *train_args], folder / "train.log")
-    check(run, f"train.py --cv-fold {fold} {folds}")
+    checkpoint, wall = train_child(work / f"fold{fold}", data_dir, ["--cv-fold", str(fold), str(folds), *train_args])
     meta = torch.load(checkpoint, map_location="cpu", weights_only=True)
     held_out = meta["val_metrics"]
-    result = {"fold": fold, "train_wall_s": run.wall_s, "threshold": held_out["threshold"],
+    result = {"fold": fold, "train_wall_s": wall, "threshold": held_out["threshold"],
               "n": held_out["n_images"], **held_out["confusion_matrix"]}
-    print(f"fold {fold}: {run.wall_s:.0f}s, held out {result}", flush=True)
+    print(f"fold {fold}: {wall:.0f}s, held out {result}", flush=True)
     return result
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    data_dir = default_data_dir(args.data_dir)
-    command = " ".join(["python train.py", *args.script_args])
-    machine = machine_lines()
-    print("\n".join(machine) + f"\ncommand: {command} --cv-fold K {args.folds}, folds {args.only}", flush=True)
+    data_dir, command, machine = training_bench_start(args, f"--cv-fold K {args.folds}, folds {args.only}")
     with tempfile.TemporaryDirectory(prefix="crossval_") as work:
         results = [one_fold(k, args.folds, data_dir, args.script_args, Path(work)) for k in args.only]
 

@@ -20,8 +20,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import (check, default_data_dir, load_average, machine_lines, markdown_table, parse_with_script_args,
-                    run_child)
+from common import (load_average, markdown_table, parse_with_script_args,
+                    train_child, training_bench_start)
 from robustness import robustness_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,14 +39,7 @@ def parse_args(argv=None):
 
 
 def train(seed: int, data_dir: Path, train_args: list[str], work: Path) -> tuple[Path, float]:
-    folder = work / f"seed{seed}"
-    folder.mkdir()
-    checkpoint = folder / "model.pth"
-    run = run_child([sys.executable, "train.py", "--data-dir", str(data_dir), "--seed", str(seed),
-                     "--output", str(checkpoint), "--reports", str(folder / "reports"), "--test-images", "",
-                     *train_args], folder / "train.log")
-    check(run, f"train.py --seed {seed}")
-    return checkpoint, run.wall_s
+    return train_child(work / f"seed{seed}", data_dir, ["--seed", str(seed), *train_args])
 
 
 def score(checkpoint: Path, data_dir: Path, robustness: bool) -> dict:
@@ -90,10 +83,7 @@ def worst_asked(result: dict, key: str) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    data_dir = default_data_dir(args.data_dir)
-    command = " ".join(["python train.py", *args.script_args])
-    machine = machine_lines()
-    print("\n".join(machine) + f"\ncommand: {command} --seed S, seeds {args.seeds}", flush=True)
+    data_dir, command, machine = training_bench_start(args, f"--seed S, seeds {args.seeds}")
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory(prefix="seeds_") as work:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:

@@ -56,7 +56,8 @@ def evaluate(args) -> dict:
         raise UserError(f"no images in the {args.split} split")
     image_size, threshold = int(meta["image_size"]), float(meta["threshold"])
 
-    print(f"evaluating {len(samples)} images ({args.split}) with {args.model}")
+    print(f"evaluating {len(samples)} images ({args.split}) with {args.model} "
+          f"(initialisation: {meta.get('pretrained') or 'unknown'})")
     pixels = torch.from_numpy(dataset.load_pixels(samples, image_size))
     labels = dataset.labels_of(samples)
     probabilities = predict_probabilities(model, pixels, meta["normalization"], args.batch_size, device).numpy()

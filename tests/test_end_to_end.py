@@ -131,6 +131,7 @@ def test_infer_then_evaluate(run, neu_dir):
     result = run_script("evaluate.py", "--data-dir", neu_dir, "--model", work / "model.pth", "--output", out,
                         "--split", "test")
     assert result.returncode == 0, result.stderr
+    assert f"(initialisation: {meta['pretrained']})" in result.stdout  # says what the model started from
     metrics = json.loads((out / "metrics.json").read_text())
     n_test = meta["split"]["n_test"]
     assert metrics["n_images"] == n_test
