@@ -85,7 +85,9 @@ def test_sigkill_then_rerun_gives_the_clean_bytes(runs, decisive_checkpoint):
     work, images, clean, _, lines = runs
     out = resume_copy(runs, "resumed")
     # a half-written overlay, as kill -9 leaves it: never trusted, removed on resume
-    (out / "gradcam" / "cam1" / ".frame_00001_gradcam.jpg.99999.tmp").write_bytes(b"\xff\xd8 half")
+    half = out / "gradcam" / "cam1" / ".frame_00001_gradcam.jpg.99999.tmp"
+    half.parent.mkdir(parents=True, exist_ok=True)  # the kill may come before the run reached cam1/
+    half.write_bytes(b"\xff\xd8 half")
     result = run_script("infer.py", *infer_args(images, out, decisive_checkpoint), env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"resuming the unfinished run in {out}" in result.stdout
