@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dataset
-from scratch_detector import explain_loss
+from scratch_detector import explain_loss, familiarity
 from scratch_detector.augment import AUGMENTATIONS, augment, box_masks, scratch_boxes, scratch_mark_bank, transplant
 from scratch_detector.curves import plot_curves
-from scratch_detector.metrics import binary_metrics, choose_threshold, find_annotations
+from scratch_detector.metrics import binary_metrics, find_annotations
 from scratch_detector.model import PRETRAINED_CHOICES, build_model, pick_device, predict_probabilities, save_checkpoint
+from scratch_detector.posthoc import fit_after_training
 from scratch_detector.runtime import UserError, ensure_writable_dir, run_main, write_csv
 
 # Defaults: the shipped model_binary.pth is `python train.py` with exactly these.
@@ -45,7 +46,7 @@ DEFAULTS = dict(
     pretrained="auto",
     explain_layer="features.2",
     explain_weight=1.0,
-    explain_every=2,
+    explain_every=8,
 )
 
 
@@ -263,13 +264,20 @@ def main(argv=None) -> int:
     # The last epoch is kept: the learning rate has annealed to 0, and under this much augmentation 5 epochs
     # underfit (training loss stays above validation loss), so the epochs' validation losses differ by the
     # noise of a few hard images rather than by overfitting (bench/README.md).
-    threshold = choose_threshold(val_prob, labels["val"])
-    val = binary_metrics(val_prob, labels["val"], threshold)
-    print(f"kept epoch {args.epochs}; threshold {threshold:.4f} (validation Youden J, widest margin in log-odds): "
-          f"val acc {val['accuracy']:.4f}, scratch recall {val['recall']:.4f}, specificity {val['specificity']:.4f}")
-
+    # Then, from the validation split: the temperature that calibrates p(defect), the threshold on the calibrated
+    # p, and the familiarity statistics (training images and camera-changed copies; cut-off from validation).
     if capture is not None:
         capture.remove()
+    fitted = fit_after_training(model, pixels["train"], [s.neu_class for s in splits["train"]], pixels["val"],
+                                labels["val"], args.normalization, 2 * args.batch_size, device, args.seed)
+    threshold, temperature, val = fitted["threshold"], fitted["temperature"], fitted["val_metrics"]
+    print(f"kept epoch {args.epochs}; temperature {temperature:.3f} (validation likelihood); threshold "
+          f"{threshold:.4f} on the calibrated p (validation Youden J, widest margin in log-odds): val acc "
+          f"{val['accuracy']:.4f}, scratch recall {val['recall']:.4f}, specificity {val['specificity']:.4f}")
+    print(f"familiarity: {familiarity.LAYER} of {len(splits['train'])} training images and {familiarity.COPIES} "
+          f"camera-changed copies; unfamiliar beyond {fitted['familiarity']['cutoff']:.2f} "
+          f"({familiarity.CUTOFF_QUANTILE:.1%} of validation images and copies within)")
+
     log_fields = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_recall", "seconds"]
     write_csv(reports / "training_log.csv", log_fields,
               [[f"{r[k]:.6f}" if isinstance(r[k], float) else r[k] for k in log_fields] for r in log_rows])
@@ -281,6 +289,8 @@ def main(argv=None) -> int:
         **({"mean": list(dataset.IMAGENET_MEAN), "std": list(dataset.IMAGENET_STD)}
            if args.normalization == "imagenet" else {}),
         "threshold": threshold,
+        "temperature": temperature,
+        "familiarity": fitted["familiarity"],
         "pretrained": init,
         "epochs": args.epochs,
         "seed": args.seed,

@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import dataset  # noqa: E402
 from gradcam import GradCAM  # noqa: E402
+from scratch_detector import explain_loss  # noqa: E402
 from scratch_detector.engines.local import ModelStreams  # noqa: E402
 from scratch_detector.model import build_model, fold_batchnorm, load_checkpoint  # noqa: E402
 from scratch_detector.overlay import encode_overlay, render_overlay  # noqa: E402
@@ -48,10 +49,15 @@ def per_item_ms(work, items: int, repeats: int = 5) -> float:
     return statistics.median(times) / items * 1000
 
 
-def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = False) -> float:
-    """ms per image of one AdamW step (forward, backward, update) on random input; bf16: CPU autocast."""
+def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = False, explained: int = 0) -> float:
+    """ms per image of one AdamW step (forward, backward, update) on random input; bf16: CPU autocast;
+    explained: that many images of the batch also get train.py's heatmap loss (explain_loss.heatmap_loss on
+    the default CAM layer, which train.py also shapes; a box across the middle): the cost of a batch with it."""
     torch.manual_seed(0)
     model, _ = build_model("none")
+    capture = explain_loss.LayerCamCapture(model.get_submodule(DEFAULT_CAM_LAYER)) if explained else None
+    masks = torch.zeros(explained, size, size)
+    masks[:, size // 3:2 * size // 3] = 1
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -61,6 +67,8 @@ def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(images), labels)
+            if capture is not None:
+                loss = loss + explain_loss.heatmap_loss(model, capture, images[:explained], masks)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -95,16 +103,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "model_binary.pth"))
     p.add_argument("--data-dir", help="NEU data for the decode timing (default: $NEU_DATA_DIR, else ../shared/neu-det)")
+    p.add_argument("--training-only", action="store_true", help="time the training steps only")
     args = p.parse_args(argv)
     print("\n".join(machine_lines()))
 
     print("\n## Training step (AdamW), ms per image -> images/s; train.py: 200 px, batch 16, fp32, channels_last")
-    for size, batch, channels_last, bf16 in ((200, 8, True, False), (200, 16, True, False), (200, 24, True, False),
-                                             (200, 32, True, False), (200, 16, False, False), (200, 16, True, True),
-                                             (200, 32, True, True), (144, 16, True, False), (112, 16, True, False)):
-        ms = training_step(size, channels_last, batch, bf16)
+    for size, batch, channels_last, bf16, explained in (
+            (200, 8, True, False, 0), (200, 16, True, False, 0), (200, 24, True, False, 0), (200, 32, True, False, 0),
+            (200, 16, False, False, 0), (200, 16, True, True, 0), (200, 32, True, True, 0), (144, 16, True, False, 0),
+            (112, 16, True, False, 0), (200, 16, True, False, 4), (200, 16, True, False, 16)):
+        ms = training_step(size, channels_last, batch, bf16, explained)
         print(f"- {size} px, batch {batch}, {'channels_last' if channels_last else 'NCHW'}"
-              f"{', bf16 autocast' if bf16 else ''}: {ms:.1f} ms/img = {1000 / ms:.1f} img/s")
+              f"{', bf16 autocast' if bf16 else ''}{f', heatmap loss on {explained} images' if explained else ''}: "
+              f"{ms:.1f} ms/img = {1000 / ms:.1f} img/s")
+    if args.training_only:
+        return 0
 
     model, meta = load_checkpoint(args.model)
     size = int(meta["image_size"])

@@ -15,8 +15,10 @@ from tqdm import tqdm
 import dataset
 from gradcam import METHODS, GradCAM, resolve_layer
 
+from . import familiarity
+from .calibration import calibration_summary
 from .metrics import binary_metrics, find_annotations, localization_scores, read_boxes, roc_auc
-from .model import fold_batchnorm, load_checkpoint, pick_device, predict_probabilities
+from .model import fold_batchnorm, load_checkpoint, pick_device, predict_logits
 from .pipeline import Aggregator, decode, finish_item
 from .review import model_summary, write_review_page
 from .runtime import UserError, atomic_write, ensure_writable_dir
@@ -60,7 +62,11 @@ def evaluate(args) -> dict:
           f"(initialisation: {meta.get('pretrained') or 'unknown'})")
     pixels = torch.from_numpy(dataset.load_pixels(samples, image_size))
     labels = dataset.labels_of(samples)
-    probabilities = predict_probabilities(model, pixels, meta["normalization"], args.batch_size, device).numpy()
+    stats = meta.get("familiarity")
+    logits, features = predict_logits(model, pixels, meta["normalization"], args.batch_size, device,
+                                      None if stats is None else stats["layer"])
+    probabilities = logits.softmax(1)[:, 1].numpy()
+    scores = None if stats is None else familiarity.score(features, stats).numpy()
     metrics = binary_metrics(probabilities, labels, threshold)
     predicted = probabilities >= threshold
     metrics["roc_auc"] = roc_auc(probabilities, labels)
@@ -71,6 +77,11 @@ def evaluate(args) -> dict:
             else float("nan")}
         for c in dataset.NEU_CLASSES}
     metrics["misclassified"] = [s.relpath for i, s in enumerate(samples) if predicted[i] != s.label]
+    metrics["calibration"] = calibration_summary(logits, labels, meta["temperature"])
+    metrics["familiarity"] = None if scores is None else {
+        "cutoff": float(stats["cutoff"]), "n_unfamiliar": int((scores > stats["cutoff"]).sum()),
+        "share_unfamiliar": float((scores > stats["cutoff"]).mean()),
+        "unfamiliar": [s.relpath for s, value in zip(samples, scores) if value > stats["cutoff"]]}
 
     annotations = find_annotations(data_dir)
     boxed = [i for i, s in enumerate(samples) if s.label == 1 and Path(s.relpath).stem in annotations]
@@ -104,7 +115,7 @@ def evaluate(args) -> dict:
                                     model, args, device)
         print(f"report: {output / 'report.pdf'} ({pages} pages) and its figures as PNG in {output}/")
         page = write_review(output, samples, pixels, probabilities, threshold, meta, split_info, model, args,
-                            device)
+                            device, scores)
         print(f"review page: {page} (overlays in {output / REVIEW_OVERLAY_DIR}/)")
     print(f"metrics: {output / 'metrics.json'}")
     return metrics
@@ -112,7 +123,7 @@ def evaluate(args) -> dict:
 
 
 def write_review(output: Path, samples, pixels, probabilities, threshold: float, meta: dict, data: dict, model,
-                 args, device) -> Path:
+                 args, device, scores=None) -> Path:
     """review.html beside report.pdf: every evaluated image with its verdict, true label (wrong verdicts marked)
     and an overlay like infer.py's (args.cam on args.cam_layer, class defect) in eval_overlays/, drawn and
     written by the inference pipeline (decode, Aggregator, finish_item). Overlays that this run did not write
@@ -120,7 +131,8 @@ def write_review(output: Path, samples, pixels, probabilities, threshold: float,
     names = {relpath: REVIEW_OVERLAY_DIR + name[len(OVERLAY_DIR):]
              for relpath, name in overlay_names([s.relpath for s in samples]).items()}
     cam = GradCAM(model, resolve_layer(model, args.cam_layer), args.cam)
-    aggregator = Aggregator(threshold)
+    stats = meta.get("familiarity")
+    aggregator = Aggregator(threshold, None if stats is None else float(stats["cutoff"]))
     image_size = int(meta["image_size"])
     rows, written = [], set()
     for start in tqdm(range(0, len(samples), args.batch_size), desc="review page", unit="batch", file=sys.stdout):
@@ -130,17 +142,19 @@ def write_review(output: Path, samples, pixels, probabilities, threshold: float,
         units = [decode(s.path, s.relpath, image_size, with_display=True) for s in samples[start:end]]
         readable = [i for i, unit in enumerate(units) if unit.error is None]
         results = iter(aggregator.add_batch([units[i] for i in readable], probabilities[start:end][readable],
-                                            heatmaps[readable]))
+                                            heatmaps[readable], None if scores is None else scores[start:end][readable]))
         for i, (sample, unit, probability) in enumerate(zip(samples[start:end], units, probabilities[start:end])):
             prediction = dataset.BINARY_CLASSES[int(probability >= threshold)]
+            familiar = ""
             if unit.error is None:
                 item = finish_item(next(results), output, names[sample.relpath], threshold, "jpg")
-                overlay, status = item.predictions[0][4], item.predictions[0][5]
+                overlay, status, familiar = item.predictions[0][4], item.predictions[0][5], item.predictions[0][8]
                 written.update(item.files[:1] if overlay else ())
             else:  # one overlay failing must not cost the page
                 overlay, status = "", f"error: overlay not written: {unit.error}"
             rows.append({"image": sample.relpath, "prediction": prediction, "defect_probability": float(probability),
-                         "gradcam": overlay, "status": status, "truth": dataset.BINARY_CLASSES[sample.label]})
+                         "gradcam": overlay, "status": status, "truth": dataset.BINARY_CLASSES[sample.label],
+                         "familiar": familiar})
     folder = output / REVIEW_OVERLAY_DIR
     for old in folder.rglob("*_gradcam.jpg") if folder.is_dir() else ():
         if old.relative_to(output).as_posix() not in written and not old.is_symlink():
@@ -156,6 +170,13 @@ def summary_line(metrics: dict) -> str:
     text = (f"{metrics['n_images']} images: accuracy {metrics['accuracy']:.4f}, scratch recall {metrics['recall']:.4f}, "
             f"precision {metrics['precision']:.4f}, specificity {metrics['specificity']:.4f}, "
             f"ROC AUC {metrics['roc_auc']:.4f} (tn {cm['tn']} fp {cm['fp']} fn {cm['fn']} tp {cm['tp']})")
+    calibration = metrics.get("calibration")
+    if calibration:
+        text += (f"; calibration error (ECE) {calibration['ece']:.4f} at temperature {calibration['temperature']:.3f}"
+                 f" ({calibration['ece_without_temperature']:.4f} without)")
+    fam = metrics.get("familiarity")
+    text += ("; familiarity not checked (no statistics in this model)" if fam is None else
+             f"; {fam['n_unfamiliar']} of {metrics['n_images']} images unfamiliar")
     loc = metrics.get("localization")
     if loc:
         text += (f"; {loc['method']} on {loc['layer']}: pointing game {loc['pointing_game']:.3f}, "

@@ -29,8 +29,8 @@ from .engines import local
 from .model import fold_batchnorm, load_checkpoint, pick_device
 from .review import PageWriter, model_summary
 from .runtime import UserError, ensure_writable_dir
-from .settings import (CSV_COLUMNS, DETECTION_COLUMNS, HEATMAP_DIR, OVERLAY_DIR, OVERLAY_SUFFIXES, RunSettings,
-                       heatmap_name, overlay_names)
+from .settings import (CSV_COLUMNS, DETECTION_COLUMNS, HEATMAP_DIR, OVERLAY_DIR, OVERLAY_SUFFIXES,
+                       UNFAMILIAR_RUN_SHARE, RunSettings, heatmap_name, overlay_names)
 from .storage import JOURNAL_DIR, SEGMENT_GLOB, Listing, RunJournal, SortedRecords, file_sha256, sorted_listing
 
 
@@ -140,6 +140,8 @@ def assemble(listing: Listing, journal: RunJournal, settings: RunSettings, summa
             counts["error"] += row[5] != "ok"
             counts["tiled"] += isinstance(row[6], int) and row[6] > 1
             counts["units"] += row[6] if isinstance(row[6], int) else 0
+            counts["unfamiliar"] += row[8] == "no"
+            counts["judged"] += row[8] in ("yes", "no")
         counts["detections"] += len(tables.get("detections", ()))
 
     try:
@@ -150,6 +152,19 @@ def assemble(listing: Listing, journal: RunJournal, settings: RunSettings, summa
     page_path = page.write()
     removed = remove_stale_overlays(output, (name for [name] in old), (name for [name] in new.sort()))
     return counts, page_path, removed
+
+
+def familiarity_summary(counts: Counter, meta: dict) -> str:
+    """The run summary's line on unfamiliar images, with one plain warning when they are a large share."""
+    if meta.get("familiarity") is None:
+        return ("familiarity: not checked (this model was trained without familiarity statistics; retrain with "
+                "python train.py to get them)")
+    judged, unfamiliar = counts["judged"], counts["unfamiliar"]
+    line = f"{unfamiliar} of {judged} images unfamiliar (unlike the training images; their rows say familiar=no)"
+    if judged and unfamiliar > UNFAMILIAR_RUN_SHARE * judged:
+        line += (f"\nWARNING: {unfamiliar / judged:.0%} of these images do not look like the training data, so check "
+                 "the camera and the steel grade, and consider training on your own images.")
+    return line
 
 
 def run_inference(args) -> int:
@@ -212,6 +227,7 @@ def run_inference(args) -> int:
           + (f" ({skipped} done by an earlier run)" if skipped else "")
           + (f", overlays in {output / OVERLAY_DIR}/" if settings.cam is not None else "")
           + (f" ({removed} stale overlays of the previous run removed)" if removed else ""))
+    print(familiarity_summary(counts, meta))
     if counts["tiled"]:
         print(f"{counts['tiled']} large images tiled: {counts['units']} model inputs (tiles + whole images), "
               f"{units_now / seconds:.1f} inputs/s; {counts['detections']} detections -> "

@@ -21,6 +21,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dataset import BINARY_CLASSES, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, normalize
+from . import familiarity
+from .calibration import apply_temperature
 from .runtime import UserError, atomic_write
 
 ARCH = "efficientnet_b0"
@@ -253,6 +255,11 @@ def _check_metadata(path: Path, checkpoint: dict) -> None:
         raise CheckpointError(f"{path}: image_size must be a positive integer, not {size!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise CheckpointError(f"{path}: threshold must be a number in [0, 1], not {threshold!r}")
+    temperature = checkpoint.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise CheckpointError(f"{path}: temperature must be a positive number, not {temperature!r}")
+    if checkpoint.get("familiarity") is not None and not familiarity.valid(checkpoint["familiarity"]):
+        raise CheckpointError(f"{path}: its familiarity statistics are damaged (retrain, or remove the key)")
     normalization = checkpoint["normalization"]
     if normalization not in NORMALIZATIONS:
         raise CheckpointError(f"{path}: normalization {normalization!r} is none of {', '.join(NORMALIZATIONS)}")
@@ -268,8 +275,12 @@ def _check_metadata(path: Path, checkpoint: dict) -> None:
                                   f"normalises with {list(expected)}")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", calibrated: bool = True
+                    ) -> tuple[nn.Module, dict]:
     """Read a checkpoint written by save_checkpoint -> (model in eval mode, metadata without state_dict).
+
+    calibrated: the model's logits come divided by the checkpoint's temperature (calibration.py), so every
+    reader gets the calibrated p(defect) its threshold was chosen on; False only to measure the raw model.
 
     weights_only=True: a .pth is a pickle, and a malicious one runs code on load; this refuses anything
     but tensors and plain containers. Every failure is a CheckpointError with a one-line message.
@@ -309,6 +320,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not all(v.isfinite().all() for v in state.values() if v.is_floating_point()):
         raise CheckpointError(f"{path}: weights contain NaN or infinity (a diverged training run?)")
     metadata = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    metadata["temperature"] = float(checkpoint.get("temperature", 1.0))
+    if calibrated:
+        apply_temperature(model, metadata["temperature"])
     model.to(device=device, memory_format=torch.channels_last).eval()
     return model, metadata
 
@@ -326,13 +340,28 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int, device,
+                   features_at: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (logits (N, 2), the mean-pooled output of layer `features_at` in the same pass (N, C), or None) for
+    each uint8 (N, S, S, 3) image, in order, in batches."""
+    model.eval()
+    tap = familiarity.FeatureTap(model, features_at) if features_at else None
+    logits, features = [torch.empty(0, len(BINARY_CLASSES))], []
+    try:
+        for start in range(0, len(pixels), batch_size):
+            logits.append(model(normalize(pixels[start:start + batch_size], normalization).to(device)).float().cpu())
+            if tap is not None:
+                features.append(tap.take().cpu())
+    finally:
+        if tap is not None:
+            tap.remove()
+    return torch.cat(logits), (torch.cat(features) if features else None)
+
+
 def predict_probabilities(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int,
                           device) -> torch.Tensor:
     """Defect probability for each uint8 (N, S, S, 3) image, in order, in batches."""
-    model.eval()
-    out = [model(normalize(pixels[start:start + batch_size], normalization).to(device)).float().softmax(1)[:, 1].cpu()
-           for start in range(0, len(pixels), batch_size)]
-    return torch.cat(out) if out else torch.empty(0)
+    return predict_logits(model, pixels, normalization, batch_size, device)[0].softmax(1)[:, 1]
 
 
 def pick_device(choice: str) -> torch.device:

@@ -5,10 +5,11 @@ driver can run it):
                                            (shrunk whole to the model input); a larger one -> its Tiles at
                                            native scale, cut lazily from pixels decoded once
     BatchPredictor(model, ...)(units)      a batch of units (tiles of several images may share one) ->
-                                           p(defect) and a CAM heatmap per unit
-    Aggregator(threshold).add_batch(units, p, heatmaps)
+                                           p(defect), a CAM heatmap and an unfamiliarity score per unit
+    Aggregator(threshold, cutoff).add_batch(units, p, heatmaps, scores)
                                            -> a Result for each image whose last unit is in: p(defect) (the
-                                           maximum over its tiles), its detections, its overlay
+                                           maximum over its tiles), its unfamiliarity (the median over its
+                                           tiles), its detections, its overlay
 
 and, per finished image, its outputs:
 
@@ -49,6 +50,7 @@ from PIL import Image
 import dataset
 from gradcam import GradCAM
 
+from . import familiarity
 from .overlay import encode_overlay, render_overlay
 from .runtime import atomic_write
 from .settings import Plan, RunSettings, heatmap_name
@@ -185,12 +187,16 @@ class BatchPredictor:
     """A model copy and its CAM hooks, set up once, then called on batches of units (Ray Data's callable-class
     style). Units are independent: a batch may hold tiles of several images and whole small images."""
 
-    def __init__(self, model, normalization: str, cam_method: str | None, cam_layer: str, device: torch.device):
+    def __init__(self, model, normalization: str, cam_method: str | None, cam_layer: str, device: torch.device,
+                 familiarity_stats: dict | None = None):
         self.model, self.normalization, self.device = model, normalization, device
         self.cam = None if cam_method is None else GradCAM(model, cam_layer, cam_method)
+        self.familiarity = familiarity_stats
+        self.tap = None if familiarity_stats is None else familiarity.FeatureTap(model, familiarity_stats["layer"])
 
-    def __call__(self, batch: list) -> tuple[np.ndarray, np.ndarray | None]:
-        """-> (p(defect) per unit, heatmaps for class defect (each min-max scaled to [0, 1]) or None)."""
+    def __call__(self, batch: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """-> (p(defect) per unit, heatmaps for class defect (each min-max scaled to [0, 1]) or None,
+        unfamiliarity per unit (familiarity.score, read from the same forward pass) or None)."""
         images = dataset.normalize(np.stack([unit.pixels for unit in batch]), self.normalization).to(self.device)
         if self.cam is None:
             with torch.no_grad():
@@ -199,7 +205,8 @@ class BatchPredictor:
         else:
             heatmaps, logits = self.cam.explain(images, target_class=1)  # where the model sees the defect
             heatmaps = heatmaps.cpu().numpy()
-        return logits.float().softmax(1)[:, 1].cpu().numpy(), heatmaps
+        scores = None if self.tap is None else familiarity.score(self.tap.take(), self.familiarity).cpu().numpy()
+        return logits.float().softmax(1)[:, 1].cpu().numpy(), heatmaps, scores
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,6 +238,8 @@ class Result:
     max_tile: tuple[int, int, int, int] | None    # (x, y, w, h) of the unit with that p; None: size unknown
     detections: list[tuple[int, int, int, int, float]]  # (x, y, w, h, p) of each unit at or over the threshold
     overlay: Overlay | None
+    unfamiliarity: float | None = None            # familiarity.score (median over tiles); None: no statistics
+    familiar: bool | None = None                  # unfamiliarity within the checkpoint's cut-off
 
 
 def heat_weight(probability: float, threshold: float) -> float:
@@ -260,6 +269,7 @@ class _Open:
     """A frame whose tiles are coming in."""
     frame: Frame
     probabilities: np.ndarray
+    scores: np.ndarray
     stitcher: HeatmapStitcher | None
     count: int = 0
 
@@ -269,30 +279,40 @@ class Aggregator:
     unit is in. Holds one probability per tile and one display-sized stitcher per image still open: with
     units arriving in input order, one or two images at a time."""
 
-    def __init__(self, threshold: float):
-        self.threshold = threshold
+    def __init__(self, threshold: float, unfamiliar_cutoff: float | None = None):
+        self.threshold, self.cutoff = threshold, unfamiliar_cutoff
         self.open: dict[int, _Open] = {}
 
-    def add_batch(self, batch: list, probabilities: np.ndarray, heatmaps: np.ndarray | None) -> list[Result]:
+    def add_batch(self, batch: list, probabilities: np.ndarray, heatmaps: np.ndarray | None,
+                  scores: np.ndarray | None = None) -> list[Result]:
         """The Results of the images that a batch of units (BatchPredictor's outputs for it) completes."""
         results = []
         for i, unit in enumerate(batch):
-            result = self.add(unit, float(probabilities[i]), None if heatmaps is None else heatmaps[i])
+            result = self.add(unit, float(probabilities[i]), None if heatmaps is None else heatmaps[i],
+                              None if scores is None else float(scores[i]))
             if result is not None:
                 results.append(result)
         return results
 
-    def add(self, unit: Decoded | Tile, probability: float, heatmap: np.ndarray | None) -> Result | None:
+    def _judged(self, result: Result, score: float | None) -> Result:
+        result.unfamiliarity = score
+        result.familiar = None if score is None or self.cutoff is None else bool(score <= self.cutoff)
+        return result
+
+    def add(self, unit: Decoded | Tile, probability: float, heatmap: np.ndarray | None,
+            score: float | None = None) -> Result | None:
         if isinstance(unit, Decoded):
-            return self._whole(unit, probability, heatmap)
+            return self._judged(self._whole(unit, probability, heatmap), score)
         frame = unit.frame
         state = self.open.get(id(frame))  # the state holds the frame, so its id is not reused meanwhile
         if state is None:
             stitcher = None
             if frame.display is not None:
                 stitcher = HeatmapStitcher(frame.height, frame.width, frame.tiler.tile, scale=frame.scale)
-            state = self.open[id(frame)] = _Open(frame, np.full(len(frame.positions), np.nan), stitcher)
+            state = self.open[id(frame)] = _Open(frame, np.full(len(frame.positions), np.nan),
+                                                 np.full(len(frame.positions), np.nan), stitcher)
         state.probabilities[unit.index] = probability
+        state.scores[unit.index] = np.nan if score is None else score
         if state.stitcher is not None and heatmap is not None:
             x, y = frame.positions[unit.index]
             tile_map = footprint_map(np.asarray(heatmap, np.float32), x, y, frame.tiler.tile, frame.scale)
@@ -301,7 +321,8 @@ class Aggregator:
         if state.count < len(frame.positions):
             return None
         del self.open[id(frame)]
-        return self._finish(state)
+        scores = state.scores
+        return self._judged(self._finish(state), None if np.isnan(scores).any() else familiarity.frame_score(scores))
 
     def _whole(self, unit: Decoded, probability: float, heatmap: np.ndarray | None) -> Result:
         box = None if unit.size is None else (0, 0, *unit.size)
@@ -339,7 +360,7 @@ class Item:
 
 
 def error_item(unit: Decoded) -> Item:
-    return Item(unit.relpath, [], [[unit.relpath, "", "", "", "", f"error: {unit.error}", "", ""]], [])
+    return Item(unit.relpath, [], [[unit.relpath, "", "", "", "", f"error: {unit.error}", "", "", "", ""]], [])
 
 
 def finish_item(result: Result, output: Path, overlay_name: str, threshold: float, file_format: str,
@@ -350,7 +371,9 @@ def finish_item(result: Result, output: Path, overlay_name: str, threshold: floa
     label = int(result.probability >= threshold)
     prediction = dataset.BINARY_CLASSES[label]
     box = "" if result.max_tile is None else ",".join(map(str, result.max_tile))
-    row = [result.relpath, prediction, label, f"{result.probability:.4f}", "", "ok", result.tiles, box]
+    row = [result.relpath, prediction, label, f"{result.probability:.4f}", "", "ok", result.tiles, box,
+           {True: "yes", False: "no", None: ""}[result.familiar],
+           "" if result.unfamiliarity is None else f"{result.unfamiliarity:.2f}"]
     files = []
     if result.overlay is not None:
         row[4] = overlay_name
@@ -378,7 +401,7 @@ def run_files(files: Iterable[tuple[Path, str, str]], predictor: BatchPredictor,
     """(path, relpath, overlay name) -> an Item each, in order: decode, predict in batches of
     settings.batch_size units, aggregate, write. One thread, the stages one after the other (the Ray engine's
     actors: parallel across processes); the local engine runs the same stages in overlapping threads instead."""
-    aggregator, names, batch, done = Aggregator(settings.threshold), {}, [], []
+    aggregator, names, batch, done = Aggregator(settings.threshold, settings.unfamiliar_cutoff), {}, [], []
 
     def predict():
         for result in aggregator.add_batch(batch, *predictor(batch)):

@@ -53,6 +53,10 @@ def title_page(metrics: dict, meta: dict) -> plt.Figure:
         (f"specificity {metrics['specificity']:.4f}, F1 {metrics['f1']:.4f}, ROC AUC {metrics['roc_auc']:.4f}", 10, None),
         (f"confusion: tn {cm['tn']}, fp {cm['fp']}, fn {cm['fn']}, tp {cm['tp']}; "
          f"misclassified: {len(metrics['misclassified'])}", 10, None),
+        (f"calibration error (ECE, 10 bins) {metrics['calibration']['ece']:.4f} at temperature "
+         f"{metrics['calibration']['temperature']:.3f}; "
+         + ("familiarity not checked (no statistics in this model)" if metrics.get("familiarity") is None else
+            f"{metrics['familiarity']['n_unfamiliar']} images unfamiliar"), 10, None),
     ]
     if loc:
         lines.append((f"Grad-CAM ({loc['method']} on {loc['layer']}, class defect, {loc['n_images']} boxed scratch "
@@ -166,6 +170,27 @@ def localization_page(table: list[dict], default: dict | None) -> plt.Figure:
     return fig
 
 
+def reliability_page(calibration: dict) -> plt.Figure:
+    """Predicted p(defect) against the observed scratch rate, per bin, with each bin's count written on it."""
+    fig, ax = plt.subplots(figsize=(8.27, 8.27))
+    rows = [r for r in calibration["reliability"] if r["count"]]
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="perfectly calibrated")
+    ax.plot([r["mean_p"] for r in rows], [r["scratch_rate"] for r in rows], "o-", color="#1f5fae",
+            label="this model (bins of 0.1)")
+    for r in rows:
+        ax.annotate(f"n={r['count']}", (r["mean_p"], r["scratch_rate"]), textcoords="offset points", xytext=(6, -12),
+                    fontsize=8)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("predicted p(defect) (mean of the bin)")
+    ax.set_ylabel("observed share of scratches in the bin")
+    ax.set_title(f"Reliability: ECE {calibration['ece']:.4f} at temperature {calibration['temperature']:.3f} "
+                 f"({calibration['ece_without_temperature']:.4f} without)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def write_report(output: Path, metrics: dict, meta: dict, samples, pixels, probabilities, boxed, boxes,
                  model, args, device) -> int:
     """Write output/report.pdf; returns the number of pages."""
@@ -177,6 +202,7 @@ def write_report(output: Path, metrics: dict, meta: dict, samples, pixels, proba
         figures.append(("training_curves", curves))
     figures.append(("confusion_roc_pr", curves_page(metrics, probabilities, labels, threshold)))
     figures.append(("per_class", per_class_page(metrics)))
+    figures.append(("reliability", reliability_page(metrics["calibration"])))
 
     predicted = probabilities >= threshold
     box_of = dict(zip(boxed, boxes))

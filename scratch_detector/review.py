@@ -71,14 +71,19 @@ def _csp_hash(source: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
+FAMILIAR = {"yes": True, "no": False}
+
+
 def page_rows(rows) -> list[list]:
-    """Row dicts (image, prediction, defect_probability, gradcam, status, optional truth) -> compact lists."""
+    """Row dicts (image, prediction, defect_probability, gradcam, status, optional truth, optional familiar
+    'yes'/'no') -> compact lists."""
     compact = []
     for row in rows:
         truth = row.get("truth")
         compact.append([printable(row.get("image", "")), printable(row.get("prediction") or ""),
                         _probability(row.get("defect_probability")), overlay_url(row.get("gradcam") or ""),
-                        printable(row.get("status") or "ok"), None if truth in (None, "") else printable(truth)])
+                        printable(row.get("status") or "ok"), None if truth in (None, "") else printable(truth),
+                        FAMILIAR.get(row.get("familiar"))])
     return compact
 
 
@@ -91,6 +96,8 @@ def counts(compact: list[list], has_truth: bool) -> dict[str, int]:
               "error": sum(r[4] != "ok" for r in compact)}
     if has_truth:
         result["wrong"] = sum(r[5] is not None and r[1] != "" and r[1] != r[5] for r in compact)
+    if any(r[6] is not None for r in compact):
+        result["unfamiliar"] = sum(r[6] is False for r in compact)
     return result
 
 
@@ -99,11 +106,25 @@ def model_summary(model_path, meta: dict, threshold: float, **more) -> dict:
     return {"model": str(model_path), "image_size": f"{meta.get('image_size')} px",
             "initialisation": meta.get("pretrained") or "unknown",
             "model_trained": meta.get("date") or "unknown",
-            "threshold": f"defect if p(defect) >= {float(threshold):.4f}", **more}
+            "threshold": f"defect if p(defect) >= {float(threshold):.4f}",
+            "familiarity": familiarity_line(meta), **more}
 
 
-COUNT_LABELS = {"all": "images", "defect": "defect", "non-defect": "non-defect", "error": "errors", "wrong": "wrong"}
-FILTER_LABELS = {"all": "All", "defect": "Defect", "non-defect": "Non-defect", "error": "Error", "wrong": "Wrong"}
+def familiarity_line(meta: dict) -> str:
+    """What 'unfamiliar' means for this model, or why it cannot say."""
+    stats = meta.get("familiarity")
+    if stats is None:
+        return ("not available: this model was trained without familiarity statistics, so no image is marked "
+                "familiar or unfamiliar (retrain with python train.py to get them)")
+    return (f"unfamiliar if the distance of its features to the training images' exceeds {float(stats['cutoff']):.2f}"
+            f" (what {float(stats['quantile']):.1%} of validation images stay under); "
+            "an unfamiliar image keeps its verdict, but it should not be trusted")
+
+
+COUNT_LABELS = {"all": "images", "defect": "defect", "non-defect": "non-defect", "error": "errors", "wrong": "wrong",
+                "unfamiliar": "unfamiliar"}
+FILTER_LABELS = {"all": "All", "defect": "Defect", "non-defect": "Non-defect", "error": "Error", "wrong": "Wrong",
+                 "unfamiliar": "Unfamiliar"}
 
 
 def render_page(rows, summary: dict, title: str = "Scratch detector: review") -> str:
@@ -126,8 +147,8 @@ class PageWriter:
                  max_rows: int = PAGE_MAX_ROWS, scratch: str | Path | None = None):
         self.path, self.summary, self.title, self.max_rows = path, dict(summary), title, max_rows
         self.spool = tempfile.TemporaryFile(dir=scratch)
-        self.numbers = dict.fromkeys(["all", "defect", "non-defect", "error", "wrong"], 0)
-        self.has_truth = False
+        self.numbers = dict.fromkeys(["all", "defect", "non-defect", "error", "wrong", "unfamiliar"], 0)
+        self.has_truth = self.has_familiarity = False
         self.histogram = [0] * (P_BINS + 1)  # rows without an error, by p(defect)
 
     def add(self, row: dict) -> None:
@@ -138,6 +159,8 @@ class PageWriter:
         self.numbers["non-defect"] += compact[1] == "non-defect"
         self.has_truth = self.has_truth or compact[5] is not None
         self.numbers["wrong"] += compact[5] is not None and compact[1] != "" and compact[1] != compact[5]
+        self.has_familiarity = self.has_familiarity or compact[6] is not None
+        self.numbers["unfamiliar"] += compact[6] is False
         if compact[4] != "ok":
             self.numbers["error"] += 1
         elif compact[2] is not None:
@@ -178,6 +201,8 @@ class PageWriter:
         numbers = dict(self.numbers)
         if not self.has_truth:
             del numbers["wrong"]
+        if not self.has_familiarity:
+            del numbers["unfamiliar"]
         summary = dict(self.summary)
         summary.setdefault("page_written", datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
         if keep is not None:

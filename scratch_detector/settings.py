@@ -23,7 +23,12 @@ from .runtime import printable
 DEFAULT_CAM = "layercam"
 DEFAULT_CAM_LAYER = "features.2"
 
-CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile"]
+# familiar: yes / no against the checkpoint's cut-off, empty for a checkpoint without statistics (familiarity.py);
+# unfamiliarity: the score itself
+CSV_COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile",
+               "familiar", "unfamiliarity"]
+# a run is flagged as a whole when more than this share of its images is unfamiliar
+UNFAMILIAR_RUN_SHARE = 0.20
 DETECTION_COLUMNS = ["image", "x", "y", "width", "height", "defect_probability"]
 OVERLAY_DIR = "gradcam"
 HEATMAP_DIR = "heatmaps"
@@ -90,10 +95,12 @@ class RunSettings:
     ray_address: str | None = None
     ray_actors: int = 0
     ray_cpus: int = 0
+    unfamiliar_cutoff: float | None = None   # the checkpoint's familiarity cut-off; None: it has no statistics
     # The checkpoint's network, loaded and BatchNorm-folded once in this process, before the run's journal is
     # opened (the local engine runs it); not a setting, so not compared, and never shipped: Ray's actors load
     # their own copies from the checkpoint's bytes.
     network: object = field(default=None, compare=False, repr=False)
+    familiarity_stats: dict | None = field(default=None, compare=False, repr=False)  # with `network` only
 
     @classmethod
     def from_args(cls, args, meta: dict, model_digest: str, device: str, network=None) -> RunSettings:
@@ -109,7 +116,8 @@ class RunSettings:
                    save_heatmaps=bool(args.save_heatmaps and cam is not None), batch_size=args.batch_size,
                    streams=args.streams, device=device, restart=args.restart, engine=args.engine,
                    ray_address=args.ray_address, ray_actors=args.ray_actors, ray_cpus=args.ray_cpus,
-                   network=network)
+                   unfamiliar_cutoff=None if meta.get("familiarity") is None else float(meta["familiarity"]["cutoff"]),
+                   network=network, familiarity_stats=None if network is None else meta.get("familiarity"))
 
     def run_key(self) -> dict:
         """What makes a recorded result valid (storage.RunJournal): a change to any of these starts the run over."""

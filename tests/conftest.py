@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
-from scratch_detector.model import build_model, save_checkpoint  # noqa: E402
+from scratch_detector import familiarity  # noqa: E402
+from scratch_detector.model import build_model, predict_logits, save_checkpoint  # noqa: E402
 
 
 def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -147,4 +148,27 @@ def decisive_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("decisive") / "decisive.pth"
     save_checkpoint(path, net, {"image_size": 64, "mean": list(dataset.IMAGENET_MEAN),
                                 "std": list(dataset.IMAGENET_STD), "threshold": 0.5, "pretrained": init})
+    return path
+
+
+def steel_like_batch(seeds, size: int = 64) -> np.ndarray:
+    """uint8 (N, size, size, 3) of synthetic_image's plain and scratch textures, one of each per seed."""
+    return np.stack([np.repeat(synthetic_image(kind, size, s)[..., None], 3, axis=2)
+                     for s in seeds for kind in ("plain", "scratch")])
+
+
+@pytest.fixture(scope="module")
+def familiar_checkpoint(tmp_path_factory):
+    """A checkpoint with known familiarity statistics and a temperature of 0.5: random weights with spread
+    (random_model_with_spread), statistics fitted on synthetic steel-like textures (seeds 0-59) with the cut-off
+    from seeds 60-99, exactly as train.py stores them."""
+    net, init = random_model_with_spread(7, "per-image")
+
+    def features_of(seeds):
+        return predict_logits(net, torch.from_numpy(steel_like_batch(seeds)), "per-image", 16, "cpu",
+                              familiarity.LAYER)[1]
+    stats = familiarity.fit(features_of(range(60)), np.tile(["plain", "scratch"], 60), features_of(range(60, 100)))
+    path = tmp_path_factory.mktemp("familiar") / "familiar.pth"
+    save_checkpoint(path, net, {"image_size": 64, "normalization": "per-image", "threshold": 0.5, "pretrained": init,
+                                "temperature": 0.5, "familiarity": stats})
     return path

@@ -33,7 +33,8 @@ from scratch_detector.settings import overlay_names
 from scratch_detector.tiler import Tiler
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile"]
+COLUMNS = ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles", "max_tile", "familiar",
+           "unfamiliarity"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -324,3 +324,28 @@ def test_evaluate_review_page(page, tmp_path, tiny_checkpoint):
     assert sorted(texts(page, "#rows td.name")) == sorted(metrics["misclassified"])
     assert page.locator("#rows tr.wrong").count() == len(metrics["misclassified"])
     assert page.dialogs == [] and page.errors == []
+
+
+def test_unfamiliar_badge_count_and_filter_in_chromium(page, tmp_path, familiar_checkpoint):
+    """A checkpoint with familiarity statistics: the far-away image gets the badge, the count and the filter."""
+    from PIL import Image
+
+    from test_familiarity import far_away_image
+
+    images = tmp_path / "images"
+    for seed in (80, 81):
+        save_image(images / f"steel_{seed}.png", size=64, seed=seed)
+    Image.fromarray(far_away_image()).save(images / "far.png")
+    output = tmp_path / "out"
+    result = run_script("infer.py", "--input", images, "--output", output, "--model", familiar_checkpoint)
+    assert result.returncode == 0, result.stderr
+    page.goto((output / "index.html").as_uri())
+    page.wait_for_selector("body[data-ready]", timeout=30_000)
+    counts = dict(zip(texts(page, ".count span"), texts(page, ".count b")))
+    assert counts["unfamiliar"] == "1" and counts["images"] == "3"
+    badged = page.locator("#rows tr", has=page.locator(".badge.unfamiliar"))
+    assert badged.count() == 1 and "far.png" in badged.locator("td.name").text_content()
+    page.click("button[data-filter=unfamiliar]")
+    assert texts(page, "#rows td.name") == ["far.png"]
+    assert "unfamiliar if" in page.locator("body").text_content()  # the summary says what it means
+    assert page.dialogs == [] and page.errors == []

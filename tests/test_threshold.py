@@ -17,7 +17,9 @@ import torch
 from conftest import random_model_with_spread, run_script, save_image
 
 import dataset
+from scratch_detector.calibration import fit_temperature
 from scratch_detector.evaluation import select_samples
+from scratch_detector.metrics import choose_threshold
 from scratch_detector.model import load_checkpoint, predict_probabilities, save_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -156,30 +158,48 @@ def test_evaluate_applies_the_checkpoint_threshold(neu_dir, tmp_path):
 # train.py chooses the threshold on the validation split, never on the test split
 # ---------------------------------------------------------------------------------------------------------
 def test_train_chooses_the_threshold_on_validation_not_test(neu_dir, tmp_path, monkeypatch):
-    """The model's scores are replaced by a fixed rule per split: on validation, scratches score 0.30 and the rest
-    0.10; on test, 0.95 and 0.60. The two splits call for different thresholds, and the checkpoint must hold
-    validation's (a train.py that chose on the test split, or on both, would store another)."""
+    """The model's scores after training are replaced by a fixed rule per split: on validation, scratches score
+    0.30 and the rest 0.10; on test, 0.95 and 0.60. The two splits call for different thresholds, and the
+    checkpoint must hold validation's, on the p calibrated by the validation temperature (a train.py that chose
+    on the test split, or on both, would store another)."""
     import train
+    from scratch_detector import posthoc
 
     size, per_class = 32, 12
     samples = dataset.first_per_class(dataset.find_samples(neu_dir)[0], per_class)
-    split_of = {}
-    for name, items in dataset.split_samples(samples, 0).items():
+    split_of, splits = {}, dataset.split_samples(samples, 0)
+    for name, items in splits.items():
         assert {s.label for s in items} == {0, 1}, name
         for sample, pixels in zip(items, dataset.load_pixels(items, size, progress=False)):
             split_of[pixels.tobytes()] = (name, sample.label)
     scores = {"val": (0.10, 0.30), "test": (0.60, 0.95), "train": (0.50, 0.50)}
+    real_predict_logits = posthoc.predict_logits
 
-    def scored_by_split(model, pixels, normalization, batch_size, device):
-        return torch.tensor([scores[split][label] for split, label in
-                             (split_of[image.tobytes()] for image in pixels.numpy())], dtype=torch.float64)
+    def rule_logits(p):
+        p = torch.tensor(p, dtype=torch.float64)
+        return torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))], 1)
 
-    monkeypatch.setattr(train, "predict_probabilities", scored_by_split)
+    def scored_by_split(model, pixels, normalization, batch_size, device, features_at=None):
+        if features_at:  # the familiarity statistics: the real features (of augmented copies too)
+            return real_predict_logits(model, pixels, normalization, batch_size, device, features_at)
+        return rule_logits([scores[split][label] for split, label in
+                            (split_of[image.tobytes()] for image in pixels.numpy())]), None
+
+    monkeypatch.setattr(posthoc, "predict_logits", scored_by_split)
     path = tmp_path / "model.pth"
     assert train.main(["--data-dir", str(neu_dir), "--output", str(path), "--reports", str(tmp_path / "reports"),
                        "--test-images", "", "--max-per-class", str(per_class), "--epochs", "1", "--image-size",
                        str(size), "--pretrained", "none", "--augment", "none", "--explain-weight", "0"]) == 0
-    val_cut = train.choose_threshold([0.10, 0.30], [0, 1])
-    test_cut = train.choose_threshold([0.60, 0.95], [0, 1])
-    assert 0.10 < val_cut < 0.30 and 0.60 < test_cut < 0.95
-    assert torch.load(path, weights_only=True)["threshold"] == pytest.approx(val_cut)
+    stored = torch.load(path, weights_only=True)
+    val_labels = [sample.label for sample in splits["val"]]
+    val_logits = rule_logits([scores["val"][label] for label in val_labels])
+    temperature = fit_temperature(val_logits, val_labels)
+    assert stored["temperature"] == pytest.approx(temperature)
+
+    def cut(low, high):  # the rule's threshold for a split scoring `low` and `high`, calibrated by T
+        p = (rule_logits([low, high]) / temperature).softmax(1)[:, 1].tolist()
+        return choose_threshold(p, [0, 1]), p
+
+    (val_cut, val_p), (test_cut, test_p) = cut(0.10, 0.30), cut(0.60, 0.95)
+    assert val_p[0] < val_cut < val_p[1] and test_p[0] < test_cut < test_p[1] and val_cut < test_p[0]
+    assert stored["threshold"] == pytest.approx(val_cut)

@@ -102,7 +102,7 @@ def infer(model: Path, images: Path, out: Path, *args) -> dict[str, dict]:
     assert "Traceback" not in result.stderr
     columns, rows = read_csv(out / "predictions.csv")
     assert columns == ["image", "prediction", "label", "defect_probability", "gradcam", "status", "tiles",
-                       "max_tile"]
+                       "max_tile", "familiar", "unfamiliarity"]
     return {row["image"]: row for row in rows}
 
 

@@ -113,21 +113,21 @@ class ModelStreams:
     """
 
     def __init__(self, model, normalization: str, cam_method: str | None, cam_layer: str, requested: int,
-                 device: torch.device):
+                 device: torch.device, familiarity_stats: dict | None = None):
         self.threads_before = torch.get_num_threads()
         self.count = requested or (2 if device.type == "cpu" and self.threads_before >= 2 else 1)
         self.threads_each = max(1, self.threads_before // self.count)
         self.idle: queue.SimpleQueue = queue.SimpleQueue()
         for copy_ in [model] + [copy.deepcopy(model) for _ in range(self.count - 1)]:
-            self.idle.put(BatchPredictor(copy_, normalization, cam_method, cam_layer, device))
+            self.idle.put(BatchPredictor(copy_, normalization, cam_method, cam_layer, device, familiarity_stats))
         torch.set_num_threads(self.threads_each)
         self.pool = ThreadPoolExecutor(self.count, thread_name_prefix="model")
 
     def describe(self) -> str:
         return f"{self.count} model stream{'s' if self.count > 1 else ''} x {self.threads_each} thread(s)"
 
-    def predict(self, batch: list) -> tuple[np.ndarray, np.ndarray | None]:
-        """-> (p(defect) per unit, heatmaps for class defect or None), on whichever model copy is idle."""
+    def predict(self, batch: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """-> BatchPredictor's (p(defect), heatmaps or None, unfamiliarity or None), on whichever copy is idle."""
         predictor = self.idle.get()
         try:
             return predictor(batch)
@@ -135,7 +135,7 @@ class ModelStreams:
             self.idle.put(predictor)
 
     def run_batches(self, batches: Iterator[list], record) -> None:
-        """record(batch, probabilities, heatmaps) for every batch, in input order, in the calling thread.
+        """record(batch, probabilities, heatmaps, scores) for every batch, in input order, in the calling thread.
         Every copy busy plus one batch waiting, no more: memory stays flat however many images come."""
         pending: deque = deque()
 
@@ -161,7 +161,7 @@ def run(todo: Listing, settings: RunSettings, journal: RunJournal, header: str) 
     images) it ran."""
     device = torch.device(settings.device)
     streams = ModelStreams(settings.network, settings.normalization, settings.cam, settings.cam_layer,
-                           settings.streams, device)
+                           settings.streams, device, settings.familiarity_stats)
     print(f"{header}; device {device}, {streams.describe()}", flush=True)
     stop = threading.Event()
     decoded: queue.Queue = queue.Queue(maxsize=2 * settings.batch_size)
@@ -176,7 +176,7 @@ def run(todo: Listing, settings: RunSettings, journal: RunJournal, header: str) 
                               args=(jobs, settings, journal, pending, lambda item: bar.update(1), failed))
     reader.start()
     writer.start()
-    aggregator = Aggregator(settings.threshold)
+    aggregator = Aggregator(settings.threshold, settings.unfamiliar_cutoff)
     units = Counter()  # model inputs: tiles, and whole images
 
     def check():
@@ -187,9 +187,9 @@ def run(todo: Listing, settings: RunSettings, journal: RunJournal, header: str) 
         names.pop(item.relpath, None)
         jobs.put((error_item(item), None, ""))
 
-    def record(batch: list, probabilities: np.ndarray, heatmaps: np.ndarray | None):
+    def record(batch: list, probabilities: np.ndarray, heatmaps: np.ndarray | None, scores: np.ndarray | None):
         check()
-        for result in aggregator.add_batch(batch, probabilities, heatmaps):
+        for result in aggregator.add_batch(batch, probabilities, heatmaps, scores):
             if result.overlay is not None:
                 pending.take(result.overlay.nbytes)
             jobs.put((None, result, names.pop(result.relpath)))

@@ -110,7 +110,7 @@ class InferActor:
             model, meta = load_checkpoint(handle.name)
         fold_batchnorm(model)
         self.predictor = BatchPredictor(model, meta["normalization"], settings.cam, settings.cam_layer,
-                                        torch.device("cpu"))
+                                        torch.device("cpu"), meta.get("familiarity"))
         self.settings = settings
         # overlays written on another machine than the driver's must be on disk before the driver records
         # them (its journal syncs only its own filesystem view)

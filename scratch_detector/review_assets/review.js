@@ -3,14 +3,15 @@
   "use strict";
   var data = JSON.parse(document.getElementById("review-data").textContent);
   var rows = data.rows, hasTruth = data.has_truth, chunk = data.chunk;
-  var NAME = 0, PRED = 1, P = 2, SRC = 3, STATUS = 4, TRUTH = 5;
+  var NAME = 0, PRED = 1, P = 2, SRC = 3, STATUS = 4, TRUTH = 5, FAMILIAR = 6;
   var collator = new Intl.Collator(undefined, {numeric: true, sensitivity: "base"});
   var tests = {
     "all": function () { return true; },
     "defect": function (r) { return r[PRED] === "defect"; },
     "non-defect": function (r) { return r[PRED] === "non-defect"; },
     "error": function (r) { return r[STATUS] !== "ok"; },
-    "wrong": function (r) { return isWrong(r); }
+    "wrong": function (r) { return isWrong(r); },
+    "unfamiliar": function (r) { return r[FAMILIAR] === false; }
   };
   var state = {filter: "all", sort: "p-desc", query: ""};
   var view = [], rendered = 0, current = -1, lastFocus = null;
@@ -62,6 +63,11 @@
     tr.appendChild(name);
     var pred = el("td", "prediction");
     if (r[PRED]) { pred.appendChild(el("span", "pred " + r[PRED], r[PRED])); }
+    if (r[FAMILIAR] === false) {
+      var badge = el("span", "badge unfamiliar", "unfamiliar");
+      badge.title = "unlike the training images: do not trust this verdict";
+      pred.appendChild(badge);
+    }
     tr.appendChild(pred);
     tr.appendChild(el("td", "p", formatP(r[P])));
     if (hasTruth) {
@@ -112,6 +118,7 @@
     caption.replaceChildren(el("b", "", r[NAME]));
     var facts = [r[PRED] || "no verdict", "p(defect) " + formatP(r[P])];
     if (hasTruth && r[TRUTH] !== null) { facts.push("truth " + r[TRUTH] + (isWrong(r) ? " (wrong)" : "")); }
+    if (r[FAMILIAR] === false) { facts.push("unfamiliar: do not trust this verdict"); }
     facts.push(r[STATUS]);
     caption.appendChild(document.createTextNode("  \u00b7  " + facts.join("  \u00b7  ")));
     caption.appendChild(document.createTextNode("  (" + (position + 1) + " of " + view.length + ")"));

@@ -1,0 +1,94 @@
+"""p(defect) that means what it says: one temperature T, fitted on the validation logits (Guo et al. 2017),
+divides the logits before the softmax. train.py fits and stores it ("temperature"); load_checkpoint applies
+it, once, by dividing the head's weights and bias (apply_temperature), so every reader of a checkpoint
+(infer, evaluate, the benches) gets the same calibrated p from the same file. A checkpoint without one
+has T = 1. Also the expected calibration error and the reliability table that evaluate.py reports.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+# T is searched on a log grid within these bounds.
+T_MIN, T_MAX = 0.05, 20.0
+RELIABILITY_BINS = 10
+
+
+def smoothed_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Platt's (1999) targets: (N+ + 1) / (N+ + 2) for the scratches and 1 / (N- + 2) for the rest, instead
+    of 1 and 0. When the model separates the validation split perfectly (it often does), the plain likelihood
+    keeps rising as T falls to 0 and every p becomes 0 or 1; these targets say what so few images can
+    support, so T stops where p(defect) is as sure as the validation split's size allows."""
+    positives = float((labels == 1).sum())
+    negatives = float(len(labels)) - positives
+    return torch.where(labels == 1, (positives + 1) / (positives + 2), 1 / (negatives + 2)).double()
+
+
+def negative_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
+    """Cross-entropy of p(defect) = softmax(logits / T)[:, 1] against soft targets (the share that is a scratch)."""
+    log_p = torch.log_softmax(logits.double() / temperature, 1)
+    return float(-(targets * log_p[:, 1] + (1 - targets) * log_p[:, 0]).mean())
+
+
+def fit_temperature(logits, labels) -> float:
+    """The T in [T_MIN, T_MAX] that minimises the validation cross-entropy against smoothed_targets: a coarse
+    log grid, then golden-section refinement (the loss is unimodal in log T)."""
+    logits = torch.as_tensor(logits).double()
+    targets = smoothed_targets(torch.as_tensor(labels).long())
+    grid = np.exp(np.linspace(np.log(T_MIN), np.log(T_MAX), 61))
+    losses = [negative_log_likelihood(logits, targets, t) for t in grid]
+    best = int(np.argmin(losses))
+    low, high = np.log(grid[max(best - 1, 0)]), np.log(grid[min(best + 1, len(grid) - 1)])
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        if negative_log_likelihood(logits, targets, np.exp(a)) < negative_log_likelihood(logits, targets, np.exp(b)):
+            high = b
+        else:
+            low = a
+    return float(np.exp((low + high) / 2))
+
+
+def apply_temperature(model: nn.Module, temperature: float) -> nn.Module:
+    """Divide the last Linear layer's weight and bias by T: its logits become logits / T."""
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.div_(temperature)
+        head.bias.div_(temperature)
+    return model
+
+
+def reliability_table(probabilities, labels, bins: int = RELIABILITY_BINS) -> list[dict]:
+    """Equal-width bins of predicted p(defect): per bin its count, mean predicted p and observed scratch rate
+    (the reliability diagram's points). Empty bins are kept, with count 0."""
+    p, y = np.asarray(probabilities, np.float64), np.asarray(labels, np.float64)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    table = []
+    for b in range(bins):
+        inside = index == b
+        n = int(inside.sum())
+        table.append({"low": b / bins, "high": (b + 1) / bins, "count": n,
+                      "mean_p": float(p[inside].mean()) if n else float("nan"),
+                      "scratch_rate": float(y[inside].mean()) if n else float("nan")})
+    return table
+
+
+def expected_calibration_error(probabilities, labels, bins: int = RELIABILITY_BINS) -> float:
+    """ECE of p(defect) as a probability of 'scratch': the count-weighted mean |observed rate - mean p| over
+    equal-width bins."""
+    table = reliability_table(probabilities, labels, bins)
+    total = sum(row["count"] for row in table)
+    if not total:
+        return float("nan")
+    return float(sum(row["count"] * abs(row["scratch_rate"] - row["mean_p"]) for row in table if row["count"]) / total)
+
+
+def calibration_summary(logits: torch.Tensor, labels, temperature: float) -> dict:
+    """ECE of p(defect) with the checkpoint's temperature (the p every reader gets) and without it, and the
+    reliability table. `logits` are load_checkpoint's: already divided by the temperature."""
+    calibrated = logits.softmax(1)[:, 1].numpy()
+    raw = (logits * temperature).softmax(1)[:, 1].numpy()
+    return {"temperature": float(temperature), "ece": expected_calibration_error(calibrated, labels),
+            "ece_without_temperature": expected_calibration_error(raw, labels),
+            "reliability": reliability_table(calibrated, labels)}

@@ -1,0 +1,138 @@
+"""How unlike the training images an image is: the Mahalanobis distance (Lee et al. 2018) of its mean-pooled
+features at one early block (LAYER) to the nearest NEU class mean of the training images, under one shared,
+shrunk covariance. It is read from the forward pass the verdict already makes (FeatureTap): no second model,
+no second pass.
+
+Why an early block, and why camera-changed copies: the pooled 1280-d vector the head reads keeps what tells a
+scratch from the rest, and a photo of a horse can look like that too; an early block describes the texture of
+the image, which is what a wrong camera or a wrong picture changes. Fitted on clean images alone, that texture
+score also flags mild blur and noise that the model classifies right; so train.py fits it on the training images
+plus COPIES copies under the training's own camera, zoom and symmetry augmentation, and sets the cut-off on the
+validation split with the same copies: the score that CUTOFF_QUANTILE of them stay under. The measurements and
+the candidates that lost: bench/README.md (`python bench/unfamiliar.py`).
+
+The checkpoint stores the statistics under "familiarity"; an older checkpoint has none and its images are scored
+as unknown (None).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .augment import augment
+
+CUTOFF_QUANTILE = 0.995
+METHOD = "mahalanobis"
+LAYER = "features.3"
+COPIES = 2
+COPY_AUGMENTATION = ("dihedral", "camera", "zoom")
+
+
+class FeatureTap:
+    """Keeps the mean-pooled output (B, C) of one layer from the model's latest forward pass (a forward hook)."""
+
+    def __init__(self, model: nn.Module, layer: str = LAYER):
+        self.features: torch.Tensor | None = None
+        self.handle = model.get_submodule(layer).register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.features = output.detach().float().mean((2, 3))
+
+    def take(self) -> torch.Tensor:
+        features, self.features = self.features, None
+        if features is None:
+            raise RuntimeError("no forward pass since the last take()")
+        return features
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def ledoit_wolf(centered: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit & Wolf (2004) shrinkage of the covariance of `centered` (n, d) toward a scaled identity ->
+    (covariance, shrinkage in [0, 1]). With ~1000 images and 1280 features the sample covariance is singular;
+    the shrunk one is well conditioned and its inverse is the precision the score needs."""
+    n, d = centered.shape
+    sample = centered.T @ centered / n
+    mu = np.trace(sample) / d
+    target_gap = sample.copy()
+    target_gap[np.diag_indices(d)] -= mu
+    delta = (target_gap ** 2).sum() / d
+    squares = centered ** 2
+    beta = ((squares.T @ squares).sum() / n - (sample ** 2).sum()) / (d * n)
+    shrinkage = float(min(beta, delta) / delta) if delta > 0 else 1.0
+    covariance = (1 - shrinkage) * sample
+    covariance[np.diag_indices(d)] += shrinkage * mu
+    return covariance, shrinkage
+
+
+def fit(train_features, train_labels, val_features, quantile: float = CUTOFF_QUANTILE, layer: str = LAYER) -> dict:
+    """The statistics the checkpoint stores: class means and shared precision from the training features (one
+    mean per label), the cut-off from the validation scores. Plain tensors and numbers: a weights_only
+    checkpoint holds them."""
+    features = np.asarray(train_features, np.float64)
+    labels = np.asarray(train_labels)
+    classes = sorted(set(labels.tolist()))
+    means = np.stack([features[labels == c].mean(0) for c in classes])
+    centered = features - means[np.searchsorted(classes, labels)]
+    covariance, shrinkage = ledoit_wolf(centered)
+    stats = {"method": METHOD, "layer": layer, "means": torch.tensor(means, dtype=torch.float32),
+             "precision": torch.tensor(np.linalg.inv(covariance), dtype=torch.float32),
+             "shrinkage": shrinkage, "n_train": int(len(features))}
+    val_scores = score(torch.as_tensor(np.asarray(val_features), dtype=torch.float32), stats)
+    stats.update(cutoff=float(np.quantile(val_scores.numpy(), quantile)), quantile=quantile,
+                 n_val=int(len(val_scores)))
+    return stats
+
+
+def score(features: torch.Tensor, stats: dict) -> torch.Tensor:
+    """(B, C) pooled features -> (B,) distance to the nearest training class mean (in units of the shared
+    covariance's standard deviations; larger is less familiar)."""
+    means = stats["means"].to(features.device)
+    precision = stats["precision"].to(features.device)
+    gaps = features.float()[:, None, :] - means[None]                      # B x classes x C
+    squared = torch.einsum("bcd,de,bce->bc", gaps, precision, gaps)
+    return squared.clamp(min=0).min(1).values.sqrt()
+
+
+def with_copies(pixels: torch.Tensor, generator: torch.Generator, copies: int = COPIES):
+    """Yield `pixels` (uint8 N, S, S, 3), then `copies` augmented copies of them (COPY_AUGMENTATION)."""
+    yield pixels
+    for _ in range(copies):
+        yield augment(pixels, generator, COPY_AUGMENTATION)
+
+
+def fit_model(features_of: Callable[[torch.Tensor], torch.Tensor], train_pixels: torch.Tensor, train_classes,
+              val_pixels: torch.Tensor, seed: int = 0) -> dict:
+    """fit() on the features (features_of: uint8 pixels -> (N, C) features at LAYER) of the training images and
+    their copies (labels: their NEU classes), with the cut-off from the validation images and their copies."""
+    generator = torch.Generator().manual_seed(seed)
+    train = torch.cat([features_of(p) for p in with_copies(train_pixels, generator)])
+    val = torch.cat([features_of(p) for p in with_copies(val_pixels, generator)])
+    classes = np.tile(np.asarray(train_classes), COPIES + 1)
+    return fit(train.numpy(), classes, val.numpy())
+
+
+def is_familiar(value: float | None, stats: dict | None) -> bool | None:
+    """True/False against the checkpoint's cut-off; None when either is missing (an older checkpoint)."""
+    if value is None or stats is None or value != value:
+        return None
+    return bool(value <= stats["cutoff"])
+
+
+def frame_score(tile_scores) -> float:
+    """A tiled image's score: the median of its tiles', so the frame is unfamiliar when most tiles are."""
+    return float(np.median(np.asarray(tile_scores, np.float64)))
+
+
+def valid(stats) -> bool:
+    """Whether familiarity statistics fit together (load_checkpoint refuses damaged ones)."""
+    try:
+        return bool(stats["method"] == METHOD and isinstance(stats["layer"], str) and stats["means"].ndim == 2
+                    and tuple(stats["precision"].shape) == (stats["means"].shape[1],) * 2
+                    and np.isfinite(float(stats["cutoff"])))
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return False
