@@ -116,11 +116,12 @@ def fit_model(features_of: Callable[[torch.Tensor], torch.Tensor], train_pixels:
     return fit(train.numpy(), classes, val.numpy())
 
 
-def is_familiar(value: float | None, stats: dict | None) -> bool | None:
-    """True/False against the checkpoint's cut-off; None when either is missing (an older checkpoint)."""
-    if value is None or stats is None or value != value:
+def is_familiar(value: float | None, cutoff: float | None) -> bool | None:
+    """True/False against the checkpoint's cut-off (stats["cutoff"]); None when either is missing (an older
+    checkpoint) or the score is NaN."""
+    if value is None or cutoff is None or value != value:
         return None
-    return bool(value <= stats["cutoff"])
+    return bool(value <= cutoff)
 
 
 def frame_score(tile_scores) -> float:

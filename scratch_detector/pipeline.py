@@ -296,7 +296,7 @@ class Aggregator:
 
     def _judged(self, result: Result, score: float | None) -> Result:
         result.unfamiliarity = score
-        result.familiar = None if score is None or self.cutoff is None else bool(score <= self.cutoff)
+        result.familiar = familiarity.is_familiar(score, self.cutoff)
         return result
 
     def add(self, unit: Decoded | Tile, probability: float, heatmap: np.ndarray | None,

@@ -69,8 +69,8 @@ def test_fit_sets_the_cutoff_at_the_validation_quantile():
     assert np.mean(scores <= stats["cutoff"]) == pytest.approx(0.9, abs=0.002)
     assert familiarity.valid(stats) and stats["layer"] == familiarity.LAYER
     far = familiarity.score(torch.full((1, 8), 8.0), stats).item()
-    assert not familiarity.is_familiar(far, stats) and familiarity.is_familiar(0.0, stats)
-    assert familiarity.is_familiar(None, stats) is None and familiarity.is_familiar(1.0, None) is None
+    assert not familiarity.is_familiar(far, stats["cutoff"]) and familiarity.is_familiar(0.0, stats["cutoff"])
+    assert familiarity.is_familiar(None, stats["cutoff"]) is None and familiarity.is_familiar(1.0, None) is None
 
 
 def test_a_frame_is_unfamiliar_when_most_of_its_tiles_are():
@@ -85,7 +85,7 @@ def test_statistics_from_the_model_flag_a_far_away_input_and_not_a_training_like
     far = torch.from_numpy(far_away_image()[None])
     for pixels, familiar in ((new_steel, True), (far, False)):
         features = predict_logits(model, pixels, "per-image", 8, "cpu", stats["layer"])[1]
-        verdicts = [familiarity.is_familiar(float(v), stats) for v in familiarity.score(features, stats)]
+        verdicts = [familiarity.is_familiar(float(v), stats["cutoff"]) for v in familiarity.score(features, stats)]
         assert verdicts == [familiar] * len(pixels), (familiar, familiarity.score(features, stats), stats["cutoff"])
 
 
