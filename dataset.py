@@ -29,11 +29,17 @@ NEU_CODES = {"cr": "crazing", "in": "inclusion", "pa": "patches", "ps": "pitted_
              "rs": "rolled-in_scale", "sc": "scratches"}  # NEU-CLS file-name prefixes
 DEFECT_CLASS = "scratches"
 BINARY_CLASSES = ["non-defect", "defect"]  # index == label
+# A non-defect image from a labels file (read_labels): its texture is not one of NEU's five, so it is a class of
+# its own for the split's stratification and the familiarity statistics.
+OTHER_CLASS = "other"
+CLASSES = NEU_CLASSES + (OTHER_CLASS,)
+# labels.csv's label column (case and spaces ignored) -> binary label; the review page writes the first two
+LABEL_WORDS = {"defect": 1, "non-defect": 0, "1": 1, "0": 0, "scratch": 1, "not a scratch": 0}
 
 
 def binary_label(neu_class: str) -> int:
-    """Scratches are the defect we detect (1); the other five NEU textures are non-defect (0)."""
-    if neu_class not in NEU_CLASSES:
+    """Scratches are the defect we detect (1); the other five NEU textures, and OTHER_CLASS, are non-defect (0)."""
+    if neu_class not in CLASSES:
         raise ValueError(f"unknown NEU class {neu_class!r}")
     return int(neu_class == DEFECT_CLASS)
 
@@ -355,16 +361,61 @@ def find_samples(data_dir: str | Path, require_all_classes: bool = True, verbose
     return samples, layout
 
 
+def read_labels(labels_file: str | Path, data_dir: str | Path) -> list[Sample]:
+    """A labelled list (the review page's labels.csv): header `image,label`, `image` relative to data_dir (the
+    folder infer.py read), `label` one of LABEL_WORDS. A scratch becomes DEFECT_CLASS, anything else
+    OTHER_CLASS. A missing image, an unknown label or an image listed twice is a DataError naming the line."""
+    import csv
+
+    labels_file, root = Path(labels_file).expanduser(), Path(data_dir).expanduser()
+    if not labels_file.is_file():
+        raise DataError(f"labels file not found: {labels_file}")
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root} (--data-dir: the folder the labels' paths are relative to)")
+    root = root.resolve()
+    samples, seen = [], {}
+    with open(labels_file, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if header[:2] != ["image", "label"]:
+            raise DataError(f"{labels_file} line 1: the header must be 'image,label', not {','.join(header)!r}")
+        for row in reader:
+            where = f"{labels_file} line {reader.line_num}"
+            if not any(field.strip() for field in row):
+                continue
+            if len(row) < 2:
+                raise DataError(f"{where}: needs an image and a label, got {row!r}")
+            name, word = row[0], " ".join(row[1].split()).lower()
+            if word not in LABEL_WORDS:
+                raise DataError(f"{where}: label {row[1]!r} is none of {', '.join(repr(w) for w in LABEL_WORDS)}")
+            path = (root / name).resolve()
+            if not path.is_relative_to(root):
+                raise DataError(f"{where}: {name!r} is outside {root}")
+            if not path.is_file():
+                raise DataError(f"{where}: image not found: {path} (paths are relative to {root}; pass "
+                                f"--data-dir the folder that infer.py read)")
+            if path in seen:
+                raise DataError(f"{where}: {name!r} is already listed on line {seen[path]}")
+            seen[path] = reader.line_num
+            samples.append(Sample(path, path.relative_to(root).as_posix(),
+                                  DEFECT_CLASS if LABEL_WORDS[word] else OTHER_CLASS))
+    if not samples:
+        raise DataError(f"{labels_file} lists no images")
+    return sorted(samples, key=lambda s: s.relpath)
+
+
 def first_per_class(samples: list[Sample], limit: int) -> list[Sample]:
     """The first `limit` samples (by name) of each class, for quick runs; limit 0 keeps everything."""
     if not limit:
         return samples
-    return sorted((s for c in NEU_CLASSES for s in [x for x in samples if x.neu_class == c][:limit]),
+    return sorted((s for c in CLASSES for s in [x for x in samples if x.neu_class == c][:limit]),
                   key=lambda s: s.relpath)
 
 
-def resolve_data_dir(cli_value: str | None) -> Path:
-    """--data-dir, else $NEU_DATA_DIR, else data/NEU-DET."""
+def resolve_data_dir(cli_value: str | None, labels: str | Path | None = None) -> Path:
+    """--data-dir, else (with a labels file) the labels file's folder, else $NEU_DATA_DIR, else data/NEU-DET."""
+    if labels and not cli_value:
+        return Path(labels).expanduser().parent
     return Path(cli_value or os.environ.get("NEU_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
@@ -387,7 +438,7 @@ def split_samples(samples: list[Sample], seed: int, fractions=SPLIT_FRACTIONS) -
         group.append(sample)
     rng = np.random.default_rng(seed)
     result: dict[str, list[Sample]] = {name: [] for name in SPLITS}
-    for neu_class in NEU_CLASSES:
+    for neu_class in CLASSES:
         class_groups = [g for g in groups.values() if g[0].neu_class == neu_class]
         order = rng.permutation(len(class_groups))
         total = sum(len(g) for g in class_groups)
@@ -418,11 +469,37 @@ def cross_validation_fold(splits: dict[str, list[Sample]], fold: int, folds: int
         groups.setdefault(file_digest(sample.path), []).append(sample)
     rng = np.random.default_rng([seed, folds])
     result: dict[str, list[Sample]] = {"train": [], "val": [], "test": list(splits["test"])}
-    for neu_class in NEU_CLASSES:
+    for neu_class in CLASSES:
         class_groups = [g for g in groups.values() if g[0].neu_class == neu_class]
         for position, index in enumerate(rng.permutation(len(class_groups))):
             result["val" if position % folds == fold else "train"].extend(class_groups[index])
     return {name: sorted(items, key=lambda s: s.relpath) for name, items in result.items()}
+
+
+def recorded_splits(samples: list[Sample], record: dict) -> dict[str, list[Sample]]:
+    """The splits a checkpoint recorded (its "split": seed, optional max_per_class and cross-validation fold),
+    re-derived from the same samples; a DataError when the test split is not the recorded one (other data)."""
+    samples = first_per_class(samples, int(record.get("max_per_class", 0)))
+    seed = int(record.get("seed", 0))
+    splits = split_samples(samples, seed)
+    if record.get("cv_folds"):
+        splits = cross_validation_fold(splits, int(record["cv_fold"]), int(record["cv_folds"]), seed)
+    if record.get("test_digest") and split_digest(splits["test"]) != record["test_digest"]:
+        raise DataError("the test split re-derived from these images differs from the one the model was trained "
+                        "with (other data?)")
+    return splits
+
+
+def split_record(meta: dict, neu: bool = True) -> dict:
+    """The split a checkpoint (its metadata) was trained with, for recorded_splits. A fine-tuned model (train.py
+    --init) keeps its starting model's NEU split under "neu_split": neither model trained on that test split;
+    neu=False asks for the split of the images it was trained on (a labels file's)."""
+    if neu and meta.get("neu_split"):
+        return meta["neu_split"]
+    record = dict(meta.get("split") or {})
+    record.setdefault("seed", meta.get("seed", 0))
+    record.setdefault("max_per_class", int((meta.get("hyperparameters") or {}).get("max_per_class", 0)))
+    return record
 
 
 def split_digest(samples: list[Sample]) -> str:

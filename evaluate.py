@@ -3,6 +3,7 @@
     python evaluate.py                      # held-out test split -> outputs/metrics.json + outputs/report.pdf
     python evaluate.py --split val          # the split the default CAM was chosen on
     python evaluate.py --data-dir NEW --split all   # every image of a separate test set
+    python evaluate.py --model mine.pth --labels labels.csv --data-dir FOLDER   # a fine-tuned model's held-out images
 
 Localization uses the NEU-DET boxes (ANNOTATIONS/*.xml, matched to images by file name) of the scratch
 images, with the heatmap for class "defect" resized to the image's original geometry:
@@ -25,6 +26,8 @@ from scratch_detector.settings import DEFAULT_CAM, DEFAULT_CAM_LAYER
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help=f"NEU data (default: $NEU_DATA_DIR, else {dataset.DEFAULT_DATA_DIR})")
+    p.add_argument("--labels", help="a labels file (image,label; e.g. the review page's labels.csv) instead of NEU "
+                   "data: its paths are relative to --data-dir (default: the labels file's folder)")
     p.add_argument("--model", default="model_binary.pth")
     p.add_argument("--split", choices=["test", "val", "all"], default="test",
                    help="the model's held-out test split (default), its validation split, or every image")

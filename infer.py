@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--overlay-max-side", type=int, default=FRAME_OVERLAY_SIDE,
                    help="a tiled image's overlay fits in this many pixels each way (default: %(default)s)")
     p.add_argument("--save-heatmaps", action="store_true",
-                   help=f"also write each image's heatmap as float16 .npy ({HEATMAP_DIR}/, at the overlay's scale)")
+                   help=f"also write each image's raw heatmap, before the overlay smooths it and drops the heat "
+                        f"under its floor, as float16 .npy ({HEATMAP_DIR}/; a tiled image's at the overlay's scale)")
     p.add_argument("--restart", action="store_true",
                    help="discard the unfinished run recorded in --output and start over (default: a rerun of the "
                         "same command finishes it, doing only the images not yet done)")

@@ -2,6 +2,8 @@
 
     python train.py                       # 5 epochs on CPU, defaults below
     python train.py --data-dir ~/NEU-DET --epochs 5 --device auto
+    python train.py --init model_binary.pth --labels labels.csv --data-dir FOLDER --replay ~/NEU-DET
+                                          # fine-tune on your own labelled images (writes model_finetuned.pth)
 
 Starts from ImageNet features (torchvision's B0 weights when they can be had, else the ImageNet Lite0
 convolutions that requirements.txt installs; --pretrained says which), and teaches the heatmap where the scratch
@@ -10,6 +12,11 @@ is: a loss on the share of the LayerCAM map outside the NEU-DET boxes and the tr
 on the validation split (rule: metrics.choose_threshold), never on the test split; the held-out test images are copied
 to test_images/, and earlier copies of images this model trained on are removed from there.
 The augmentation policy (--augment) is scratch_detector/augment.py.
+
+Fine-tuning (--init, --labels, --replay; scratch_detector/finetune.py): starts from a trained checkpoint instead
+of ImageNet, trains on a labelled list (the review page's labels.csv) split like NEU, mixes in NEU images from the
+starting model's own training split so nothing is forgotten, and ends with the old and the new model side by side
+on the labelled images neither trained on.
 """
 from __future__ import annotations
 
@@ -25,11 +32,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dataset
-from scratch_detector import explain_loss, familiarity
+from scratch_detector import explain_loss, familiarity, finetune
 from scratch_detector.augment import AUGMENTATIONS, augment, box_masks, scratch_boxes, scratch_mark_bank, transplant
 from scratch_detector.curves import plot_curves
 from scratch_detector.metrics import binary_metrics, find_annotations
-from scratch_detector.model import PRETRAINED_CHOICES, build_model, pick_device, predict_probabilities, save_checkpoint
+from scratch_detector.model import (PRETRAINED_CHOICES, build_model, load_checkpoint, model_from_checkpoint,
+                                    pick_device, predict_probabilities, save_checkpoint)
 from scratch_detector.posthoc import fit_after_training
 from scratch_detector.runtime import UserError, ensure_writable_dir, run_main, write_csv
 
@@ -52,23 +60,32 @@ DEFAULTS = dict(
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help=f"NEU data (default: $NEU_DATA_DIR, else {dataset.DEFAULT_DATA_DIR})")
-    p.add_argument("--output", default="model_binary.pth", help="checkpoint to write (default: %(default)s)")
+    p.add_argument("--data-dir", help=f"NEU data (default: $NEU_DATA_DIR, else {dataset.DEFAULT_DATA_DIR}); with "
+                   "--labels, the folder the labels' paths are relative to (default: the labels file's folder)")
+    p.add_argument("--labels", help="train on a labelled list instead of NEU: a CSV 'image,label' (label defect or "
+                   "non-defect), e.g. the review page's labels.csv; split 70/15/15 like NEU")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from this trained model instead of ImageNet "
+                   f"(fine-tuning; then --epochs defaults to {finetune.FINETUNE_DEFAULTS['epochs']} and --lr to "
+                   f"{finetune.FINETUNE_DEFAULTS['lr']}, and image size and normalization are the checkpoint's)")
+    p.add_argument("--replay", metavar="NEU_DIR", help="with --labels: mix in NEU images from this NEU copy (the "
+                   f"starting model's training split; {finetune.REPLAY_PER_IMAGE} per labelled training image, at "
+                   f"least {finetune.REPLAY_MIN}) so the model keeps what it knew")
+    p.add_argument("--output", help="checkpoint to write (default: model_binary.pth; with --init, model_finetuned.pth)")
     p.add_argument("--reports", default="outputs", help="folder for splits.csv, training_log.csv, "
                    "training_curves.png (default: %(default)s)")
-    p.add_argument("--test-images", default="test_images", help="copy the held-out test images here "
-                   "(never overwrites; '' to skip; default: %(default)s)")
+    p.add_argument("--test-images", help="copy the held-out test images here (never overwrites; '' to skip; "
+                   "default: test_images, or nothing with --labels)")
     p.add_argument("--pretrained", choices=PRETRAINED_CHOICES, default=DEFAULTS["pretrained"],
                    help="initialisation: torchvision's ImageNet weights (imagenet), ImageNet Lite0's convolutions "
                    "from the installed package (lite0), random (none), or the first of those that can be had "
                    "(auto, default)")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument("--epochs", type=int, help=f"default: {DEFAULTS['epochs']}")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--lr", type=float, help=f"AdamW peak learning rate (default: {DEFAULTS['lr']})")
     p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
-    p.add_argument("--image-size", type=int, default=DEFAULTS["image_size"],
-                   help="model input in pixels (default: %(default)s, NEU's own size; other sizes are resized)")
-    p.add_argument("--normalization", choices=dataset.NORMALIZATIONS, default=DEFAULTS["normalization"],
+    p.add_argument("--image-size", type=int, help=f"model input in pixels (default: {DEFAULTS['image_size']}, NEU's "
+                   "own size; other sizes are resized)")
+    p.add_argument("--normalization", choices=dataset.NORMALIZATIONS,
                    help="per-image standardisation (default) or fixed ImageNet mean/std")
     p.add_argument("--augment", default=DEFAULTS["augment"],
                    help=f"comma-separated, from {', '.join(AUGMENTATIONS)}, or 'none' (default: %(default)s)")
@@ -87,7 +104,21 @@ def parse_args(argv=None):
     p.add_argument("--max-per-class", type=int, default=0,
                    help="use only the first N images of each class (quick runs and tests; 0 = all)")
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1 or args.image_size < 32 or args.lr <= 0:
+    defaults = {**DEFAULTS, **(finetune.FINETUNE_DEFAULTS if args.init else {})}
+    for key in ("epochs", "lr") + (() if args.init else ("image_size", "normalization")):  # --init: its own
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    if args.output is None:
+        args.output = "model_finetuned.pth" if args.init else "model_binary.pth"
+    if args.test_images is None:
+        args.test_images = "" if args.labels else "test_images"
+    if args.replay and not args.labels:
+        p.error("--replay mixes NEU images into a labelled list: it needs --labels")
+    if args.init and args.cv_fold:
+        p.error("--init keeps its starting model's split; --cv-fold cannot be combined with it")
+    if args.init and Path(args.output).expanduser().resolve() == Path(args.init).expanduser().resolve():
+        p.error(f"--output {args.output} would overwrite the model it starts from; choose another --output")
+    if args.epochs < 1 or args.batch_size < 1 or (args.image_size or 32) < 32 or args.lr <= 0:
         p.error("--epochs and --batch-size must be >= 1, --image-size >= 32, --lr > 0")
     if args.cv_fold and not 0 <= args.cv_fold[0] < args.cv_fold[1]:
         p.error("--cv-fold K N needs 0 <= K < N")
@@ -197,6 +228,70 @@ def copy_test_images(samples, folder: Path, seen=()) -> tuple[int, int, int]:
     return copied, present, removed
 
 
+def print_before_after(args, new_checkpoint: Path, pixels: torch.Tensor, labels: torch.Tensor, device) -> None:
+    """The starting model and the fine-tuned one on the labelled images neither trained on, side by side, each
+    with its own calibration and threshold, as infer.py would run them."""
+    if not len(labels):
+        print("no labelled images were held out for a before/after comparison (label more images)")
+        return
+    models = {f"before ({Path(args.init).name})": load_checkpoint(args.init, device),
+              f"after ({new_checkpoint.name})": load_checkpoint(new_checkpoint, device)}
+    rows = finetune.held_out_rows(
+        {name: (model, float(meta["threshold"])) for name, (model, meta) in models.items()}, pixels, labels,
+        lambda model, batch: predict_probabilities(model, batch, args.normalization, 2 * args.batch_size, device))
+    print(f"held-out labelled images ({len(labels)}, {int(labels.sum())} scratches; outputs/splits.csv lists them):\n"
+          + finetune.format_rows(rows))
+
+
+def gather_splits(args, init_meta: dict | None, reports: Path) -> dict:
+    """The images to train, validate and test on, split, and splits.csv written. NEU data: split 70/15/15 with
+    --seed (with --init: the starting model's own split, so its test images stay unseen). A labels file: its
+    images split the same way, plus NEU replay (finetune.py) in train and validation. -> {splits, own_train (the
+    first own_train training samples are the data's own, the rest replay), replay, samples, layout, data_dir,
+    neu_split, split_seed, max_per_class}."""
+    data_dir = dataset.resolve_data_dir(args.data_dir, args.labels)
+    if args.labels:
+        samples, layout = dataset.read_labels(args.labels, data_dir), "labels"
+        print(f"data: {len(samples)} labelled images from {args.labels} ({sum(s.label for s in samples)} scratches), "
+              f"relative to {data_dir}")
+    else:
+        samples, layout = dataset.find_samples(data_dir)
+    if init_meta is not None and not args.labels:  # the starting model's own split: its test images stay unseen
+        record = dataset.split_record(init_meta)
+        split_seed, max_per_class = int(record["seed"]), int(record.get("max_per_class", 0))
+        splits = dataset.recorded_splits(samples, record)
+    else:
+        split_seed, max_per_class = args.seed, args.max_per_class
+        splits = dataset.split_samples(dataset.first_per_class(samples, max_per_class), split_seed)
+    if args.cv_fold:
+        splits = dataset.cross_validation_fold(splits, *args.cv_fold, args.seed)
+    own_train = len(splits["train"])
+    if not splits["train"] or not splits["val"]:
+        raise UserError("too few images for a train/val split; use more data or a larger --max-per-class")
+    neu_split = None if init_meta is None else dataset.split_record(init_meta)
+    replay = None
+    if args.replay:
+        n_train, n_val = finetune.replay_counts(len(splits["train"]), len(splits["val"]))
+        neu_split = neu_split or {"seed": args.seed, "max_per_class": 0}
+        replay = finetune.replay_samples(args.replay, neu_split, n_train, n_val, args.seed)
+        print(f"replay: {len(replay['train'])} NEU training images from {args.replay} beside {own_train} labelled "
+              f"ones; validation: {len(splits['val'])} labelled"
+              + (f" + {len(replay['val'])} NEU images (fewer than {finetune.MIN_VALIDATION} labelled)"
+                 if replay["val"] else ""))
+        splits["train"] += replay["train"]
+        splits["val"] += replay["val"]
+    elif args.labels and len(splits["val"]) < finetune.MIN_VALIDATION:
+        print(f"warning: the threshold and temperature are chosen on only {len(splits['val'])} validation images; "
+              f"label more, or add --replay NEU_DIR to top the validation split up with NEU images", file=sys.stderr)
+    dataset.write_splits_csv(splits, reports / "splits.csv")
+    print("split: " + ", ".join(f"{name} {len(items)}" for name, items in splits.items())
+          + (f" (the split of {args.init})" if init_meta is not None and not args.labels else
+             f" (seed {args.seed}; duplicates kept together)") + f" -> {reports / 'splits.csv'}")
+
+    return dict(splits=splits, own_train=own_train, replay=replay, samples=samples, layout=layout, data_dir=data_dir,
+                neu_split=neu_split, split_seed=split_seed, max_per_class=max_per_class)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
@@ -206,19 +301,20 @@ def main(argv=None) -> int:
     ensure_writable_dir(output.parent if str(output.parent) else Path("."), "the checkpoint folder")
     reports = ensure_writable_dir(args.reports, "the reports folder")
 
-    data_dir = dataset.resolve_data_dir(args.data_dir)
-    samples, layout = dataset.find_samples(data_dir)
-    samples = dataset.first_per_class(samples, args.max_per_class)
-    splits = dataset.split_samples(samples, args.seed)
-    if args.cv_fold:
-        splits = dataset.cross_validation_fold(splits, *args.cv_fold, args.seed)
-    dataset.write_splits_csv(splits, reports / "splits.csv")
-    print("split: " + ", ".join(f"{name} {len(items)}" for name, items in splits.items())
-          + f" (seed {args.seed}; duplicates kept together) -> {reports / 'splits.csv'}")
-    if not splits["train"] or not splits["val"]:
-        raise UserError("too few images for a train/val split; use more data or a larger --max-per-class")
+    init_meta = None
+    if args.init:
+        model, init, init_meta = model_from_checkpoint(args.init)
+        for key in ("image_size", "normalization"):
+            if getattr(args, key) not in (None, init_meta[key]):
+                raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from {args.init}'s "
+                                f"{init_meta[key]}: a fine-tune keeps its starting model's input")
+            setattr(args, key, init_meta[key])
+    else:
+        model, init = build_model(args.pretrained)
 
-    model, init = build_model(args.pretrained)
+    data = gather_splits(args, init_meta, reports)
+    splits, own_train, replay = data["splits"], data["own_train"], data["replay"]
+
     print(f"model: efficientnet_b0, 2 classes, init: {init}; device {device}; image size {args.image_size}, "
           f"{args.normalization} normalization; augment: {', '.join(args.augment) or 'none'}")
     model.to(device=device, memory_format=torch.channels_last)
@@ -227,7 +323,13 @@ def main(argv=None) -> int:
     labels = {name: torch.from_numpy(dataset.labels_of(items)) for name, items in splits.items()}
 
     marks = masks = capture = None
-    annotations = find_annotations(data_dir) if ("transplant" in args.augment or args.explain_weight > 0) else {}
+    # NEU-DET boxes, by image file: the NEU data's, or (with --labels) the replayed images' only
+    annotated = splits["train"][own_train:] if args.labels else splits["train"]
+    box_dir = Path(args.replay) if args.labels and args.replay else None if args.labels else data["data_dir"]
+    annotations = {}
+    if box_dir is not None and ("transplant" in args.augment or args.explain_weight > 0):
+        by_stem = find_annotations(box_dir.expanduser().resolve())
+        annotations = {s.path: by_stem[Path(s.path).stem] for s in annotated if Path(s.path).stem in by_stem}
     if "transplant" in args.augment:
         marks = scratch_mark_bank(splits["train"], pixels["train"].numpy(), annotations)
         print(f"transplant: marks of {0 if marks is None else len(marks[0])} annotated training scratches"
@@ -297,8 +399,15 @@ def main(argv=None) -> int:
         "hyperparameters": {**{k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "max_per_class",
                                                              "explain_weight", "explain_layer", "explain_every")},
                             "augment": list(args.augment)},
-        "data": {"layout": layout, "n_images": len(samples)},
-        "split": {"fractions": list(dataset.SPLIT_FRACTIONS), "seed": args.seed,
+        "data": {"layout": data["layout"], "n_images": len(data["samples"]),
+                 **({"labels": str(args.labels), "data_dir": str(data["data_dir"])} if args.labels else {}),
+                 **({"replay": str(args.replay), "n_replay_train": len(splits["train"]) - own_train,
+                     "n_replay_val": len(replay["val"])} if args.replay else {})},
+        **({"init": {"path": str(args.init), "sha256": init_meta["sha256"], "pretrained": init_meta.get("pretrained"),
+                     "threshold": init_meta["threshold"]}} if init_meta is not None else {}),
+        **({"neu_split": data["neu_split"]} if data["neu_split"] is not None else {}),
+        "split": {"fractions": list(dataset.SPLIT_FRACTIONS), "seed": data["split_seed"],
+                  "max_per_class": data["max_per_class"],
                   **({"cv_fold": args.cv_fold[0], "cv_folds": args.cv_fold[1]} if args.cv_fold else {}),
                   **{f"n_{name}": len(items) for name, items in splits.items()},
                   "test_digest": dataset.split_digest(splits["test"])},
@@ -306,6 +415,8 @@ def main(argv=None) -> int:
         "train_seconds": round(time.time() - started, 1),
     })
     print(f"saved {output} ({time.time() - started:.0f}s)")
+    if init_meta is not None and args.labels:
+        print_before_after(args, output, pixels["test"], labels["test"], device)
     if args.test_images:
         copied, present, removed = copy_test_images(splits["test"], Path(args.test_images),
                                                     splits["train"] + splits["val"])

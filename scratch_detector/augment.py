@@ -100,10 +100,11 @@ def augment(batch: torch.Tensor, generator: torch.Generator, kinds=AUGMENTATIONS
 
 
 def scratch_boxes(samples, annotations: dict) -> list:
-    """Per sample: its NEU-DET ((width, height), boxes) when it is a scratch with a box file, else None."""
+    """Per sample: its NEU-DET ((width, height), boxes) when it is a scratch with a box file, else None.
+    annotations: image path -> its VOC file (by path, not name: a user's image may share a NEU image's name)."""
     found = []
     for sample in samples:
-        xml = annotations.get(Path(sample.relpath).stem)
+        xml = annotations.get(sample.path)
         found.append(read_boxes(xml) if sample.label == 1 and xml is not None else None)
     return found
 

@@ -28,22 +28,21 @@ SWEEP_LAYERS = [f"features.{i}" for i in range(0, 9)]
 REVIEW_OVERLAY_DIR = "eval_overlays"
 
 
-def select_samples(data_dir: Path, meta: dict, split: str) -> tuple[list, dict]:
-    """The images to evaluate: the checkpoint's own val/test split re-derived (and verified), or all."""
-    samples, layout = dataset.find_samples(data_dir, require_all_classes=(split != "all"))
-    info = {"data_dir": str(data_dir), "layout": layout, "split": split}
+def select_samples(data_dir: Path, meta: dict, split: str, labels: str | Path | None = None) -> tuple[list, dict]:
+    """The images to evaluate: the checkpoint's own val/test split re-derived (and verified), or all.
+    labels: a labels file (dataset.read_labels) whose paths are relative to data_dir, instead of NEU data."""
+    if labels:
+        samples, layout = dataset.read_labels(labels, data_dir), "labels"
+    else:
+        samples, layout = dataset.find_samples(data_dir, require_all_classes=(split != "all"))
+    info = {"data_dir": str(data_dir), "layout": layout, "split": split, **({"labels": str(labels)} if labels else {})}
     if split == "all":
         return samples, {**info, "n_images_in_data": len(samples)}
-    recorded = meta.get("split") or {}
-    limit = int((meta.get("hyperparameters") or {}).get("max_per_class", 0))
-    samples = dataset.first_per_class(samples, limit)
-    seed = int(recorded.get("seed", meta.get("seed", 0)))
-    splits = dataset.split_samples(samples, seed)
-    if recorded.get("cv_folds"):
-        splits = dataset.cross_validation_fold(splits, int(recorded["cv_fold"]), int(recorded["cv_folds"]), seed)
-    if recorded.get("test_digest") and dataset.split_digest(splits["test"]) != recorded["test_digest"]:
-        raise UserError(f"the test split re-derived from {data_dir} differs from the one this model was trained "
-                        f"with (other data?); for a separate test set use --split all")
+    try:
+        splits = dataset.recorded_splits(samples, dataset.split_record(meta, neu=not labels))
+    except dataset.DataError:
+        raise UserError(f"the test split re-derived from {labels or data_dir} differs from the one this model was "
+                        f"trained with (other data?); for a separate test set use --split all") from None
     return splits[split], {**info, **{f"n_{name}": len(items) for name, items in splits.items()}}
 
 
@@ -52,8 +51,8 @@ def evaluate(args) -> dict:
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.model, device)
     fold_batchnorm(model)
-    data_dir = dataset.resolve_data_dir(args.data_dir)
-    samples, split_info = select_samples(data_dir, meta, args.split)
+    data_dir = dataset.resolve_data_dir(args.data_dir, getattr(args, "labels", None))
+    samples, split_info = select_samples(data_dir, meta, args.split, getattr(args, "labels", None))
     if not samples:
         raise UserError(f"no images in the {args.split} split")
     image_size, threshold = int(meta["image_size"]), float(meta["threshold"])
@@ -75,7 +74,7 @@ def evaluate(args) -> dict:
             "correct_fraction": float(np.mean([predicted[i] == s.label for i, s in enumerate(samples)
                                                if s.neu_class == c])) if any(s.neu_class == c for s in samples)
             else float("nan")}
-        for c in dataset.NEU_CLASSES}
+        for c in dataset.CLASSES if c in dataset.NEU_CLASSES or any(s.neu_class == c for s in samples)}
     metrics["misclassified"] = [s.relpath for i, s in enumerate(samples) if predicted[i] != s.label]
     metrics["calibration"] = calibration_summary(logits, labels, meta["temperature"])
     metrics["familiarity"] = None if scores is None else {

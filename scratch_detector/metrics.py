@@ -1,7 +1,8 @@
 """Metrics: binary classification (confusion counts, ROC, precision-recall), the decision-threshold rule,
 and how well a heatmap points at a scratch's annotated boxes (Pascal VOC files, as NEU-DET's).
 
-Localization uses the heatmap for class "defect" resized to the image's original geometry:
+Localization scores the heatmap for class "defect" as the overlay draws it (overlay.drawn_heat: resized to the
+image's original geometry, smoothed, heat below the floor not drawn; smoothing=0, floor=0 scores the raw map):
   pointing game  = mean over images of the share of the heatmap's maximal pixels inside a ground-truth box (one
                    maximum: hit or miss; a tie scores what a random tie-break would); a flat map has no
                    maximum and is a miss, so a CAM that says nothing cannot score;
@@ -15,10 +16,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-import torch.nn.functional as F
 
 import dataset
 from gradcam import GradCAM, resolve_layer
+
+from .overlay import HEAT_FLOOR, SMOOTHING, drawn_heat
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,21 +154,32 @@ def find_annotations(data_dir: Path) -> dict[str, Path]:
     return {p.stem: p for p in data_dir.rglob("*") if p.suffix.lower() == ".xml"}
 
 
-def localization_scores(model, pixels, boxes, normalization: str, method: str, layer: str, batch_size: int,
-                        device) -> dict:
-    """Pointing game and energy-in-box of one CAM method x layer over (pixels, (size, boxes)) pairs: each
-    heatmap is resized to its image's original (width, height) and scored with pointing_hit (a fraction for
-    ties, 0 for a flat map) and energy_in_box, then averaged over the images."""
+def cam_maps(model, pixels, normalization: str, method: str, layer: str, batch_size: int, device) -> np.ndarray:
+    """(N, H, W) heatmaps for class defect, at the model's input size (gradcam's [0, 1] scaling)."""
     cam = GradCAM(model, resolve_layer(model, layer), method)
+    maps = [cam(dataset.normalize(pixels[start:start + batch_size], normalization).to(device), target_class=1).cpu()
+            for start in range(0, len(pixels), batch_size)]
+    return np.concatenate([m.numpy() for m in maps]) if maps else np.zeros((0, 1, 1), np.float32)
+
+
+def score_maps(heatmaps, boxes, smoothing: float = SMOOTHING, floor: float = HEAT_FLOOR) -> dict:
+    """Pointing game and energy in box of heatmaps against their (size, boxes), each map scored as drawn on
+    its image's original (width, height) (overlay.drawn_heat with this smoothing and floor), then averaged."""
     hits, energies = [], []
-    for start in range(0, len(pixels), batch_size):
-        images = dataset.normalize(pixels[start:start + batch_size], normalization).to(device)
-        heatmaps = cam(images, target_class=1).cpu()
-        for heatmap, (size, image_boxes) in zip(heatmaps, boxes[start:start + batch_size]):
-            original = F.interpolate(heatmap[None, None], size=(size[1], size[0]), mode="bilinear",
-                                     align_corners=False)[0, 0].numpy()
-            mask = box_mask(size, image_boxes)
-            hits.append(pointing_hit(original, mask))
-            energies.append(energy_in_box(original, mask))
-    return {"method": method, "layer": layer, "pointing_game": float(np.mean(hits)) if hits else float("nan"),
-            "energy_in_box": float(np.mean(energies)) if energies else float("nan"), "n_images": len(hits)}
+    for heatmap, (size, image_boxes) in zip(heatmaps, boxes):
+        drawn = drawn_heat(heatmap, size, smoothing=smoothing, floor=floor)
+        mask = box_mask(size, image_boxes)
+        hits.append(pointing_hit(drawn, mask))
+        energies.append(energy_in_box(drawn, mask))
+    return {"pointing_game": float(np.mean(hits)) if hits else float("nan"),
+            "energy_in_box": float(np.mean(energies)) if energies else float("nan"), "n_images": len(hits),
+            "map": {"smoothing": smoothing, "floor": floor}}
+
+
+def localization_scores(model, pixels, boxes, normalization: str, method: str, layer: str, batch_size: int,
+                        device, smoothing: float = SMOOTHING, floor: float = HEAT_FLOOR) -> dict:
+    """Pointing game and energy-in-box of one CAM method x layer over (pixels, (size, boxes)) pairs, on the
+    map as the overlay draws it (score_maps: pointing_hit, a fraction for ties, 0 for a flat map; and
+    energy_in_box), averaged over the images."""
+    maps = cam_maps(model, pixels, normalization, method, layer, batch_size, device)
+    return {"method": method, "layer": layer, **score_maps(maps, boxes, smoothing, floor)}

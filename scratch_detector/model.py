@@ -144,6 +144,20 @@ def build_model(pretrained: str = "auto") -> tuple[nn.Module, str]:
     return _random_init(), "none (random init: ImageNet weights unavailable)"
 
 
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, str, dict]:
+    """A trainable B0 holding a trained checkpoint's weights (train.py --init) -> (model, initialisation
+    text, the checkpoint's metadata). The text names the file, its SHA-256 and what that model started from,
+    so a fine-tuned checkpoint says where it came from."""
+    import hashlib
+    trained, meta = load_checkpoint(path, calibrated=False)  # every check of a checkpoint, once
+    model = _two_way_head(_efficientnet_b0())
+    model.load_state_dict(trained.state_dict())
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    meta["sha256"] = digest
+    return model, f"fine-tuned from {Path(path).name} (sha256 {digest[:12]}), which started from " \
+                  f"{meta.get('pretrained') or 'unknown'}", meta
+
+
 # ---------------------------------------------------------------------------------------------------------
 # EfficientNet-B0 from torch.nn alone, for inference: the layers, names and order of torchvision's
 # efficientnet_b0 (torchvision/models/efficientnet.py), so its state_dict loads strictly. Eval only: no

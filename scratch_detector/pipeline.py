@@ -36,6 +36,8 @@ is (no rescaling per frame). Per-tile scaling alone gives every tile of a clean 
 clean frame becomes a grid of hot spots); stitching raw maps and scaling once per frame makes the frame's
 hottest spot 1 whatever it is, so a clean frame still gets a red spot. Weighted by its tile's verdict, a
 clean tile adds ~0 and a detected one its full map: no heat on a clean frame, and the maximum on a detection.
+The overlay draws that blend through overlay.drawn_heat, smoothed at the tiles' native scale (frame.scale);
+--save-heatmaps saves the blend itself, before drawing.
 """
 from __future__ import annotations
 
@@ -214,12 +216,15 @@ class BatchPredictor:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Overlay:
-    """What the overlay writer draws: overlay.render_overlay's inputs."""
+    """What the overlay writer draws: overlay.render_overlay's inputs. `heatmap` is the raw map (a CAM at the
+    model's input size, or a frame's stitched map at display size): render_overlay draws it through
+    overlay.drawn_heat, and --save-heatmaps saves it as it is."""
     display: np.ndarray
     heatmap: np.ndarray
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # in display pixels
     stacked: bool = False
     note: str = ""
+    heat_scale: float = 1.0              # display pixels per image pixel (the heat is smoothed in image pixels)
 
     @property
     def nbytes(self) -> int:
@@ -227,7 +232,7 @@ class Overlay:
 
     def render(self, prediction: str, probability: float) -> np.ndarray:
         return render_overlay(self.display, self.heatmap, prediction, probability, boxes=self.boxes,
-                              stacked=self.stacked, note=self.note)
+                              stacked=self.stacked, note=self.note, heat_scale=self.heat_scale)
 
 
 @dataclass
@@ -327,7 +332,10 @@ class Aggregator:
     def _whole(self, unit: Decoded, probability: float, heatmap: np.ndarray | None) -> Result:
         box = None if unit.size is None else (0, 0, *unit.size)
         detections = [(*box, probability)] if box is not None and probability >= self.threshold else []
-        overlay = None if heatmap is None or unit.display is None else Overlay(unit.display, heatmap)
+        overlay = None
+        if heatmap is not None and unit.display is not None:  # the display is the image, shrunk past 512 px
+            scale = 1.0 if unit.size is None else unit.display.shape[1] / unit.size[0]
+            overlay = Overlay(unit.display, heatmap, heat_scale=scale)
         return Result(unit.relpath, probability, 1, box, detections, overlay)
 
     def _finish(self, state: _Open) -> Result:
@@ -341,7 +349,8 @@ class Aggregator:
             boxes = [(scaled(x, frame.scale), scaled(y, frame.scale), max(1, scaled(w, frame.scale)),
                       max(1, scaled(h, frame.scale))) for x, y, w, h, _ in detections]
             note = f"{len(detections)} of {len(probabilities)} tiles flagged"
-            overlay = Overlay(frame.display, state.stitcher.result(), boxes, frame.stacked, note)
+            # the stitched map is at display size already; an image pixel is frame.scale display pixels
+            overlay = Overlay(frame.display, state.stitcher.result(), boxes, frame.stacked, note, frame.scale)
         return Result(frame.relpath, best.probability, len(probabilities), best.box, detections, overlay)
 
 

@@ -18,6 +18,12 @@ File names come from users, so nothing from the data is ever parsed as markup: t
 here, the JSON blob has <, >, & and U+2028/2029 escaped (a name holding </script> cannot end the element),
 the script builds the table with textContent only, and a Content-Security-Policy lets no script run but
 the page's own (by hash) and lets the page fetch nothing but images.
+
+Corrections (infer.py's page; not on a page whose rows carry the true label, as evaluate.py's do): each row
+gets "scratch" / "not a scratch" buttons, the labels a person gives are kept in the browser's localStorage
+under a key that names the run (PageWriter.labels_key), and the page builds labels.csv (image,label) in the
+browser and downloads it through a blob: URL. The CSP needs no change for that: it restricts what the page
+loads, and a download is a navigation, which no directive it sets governs.
 """
 from __future__ import annotations
 
@@ -127,9 +133,9 @@ FILTER_LABELS = {"all": "All", "defect": "Defect", "non-defect": "Non-defect", "
                  "unfamiliar": "Unfamiliar"}
 
 
-def render_page(rows, summary: dict, title: str = "Scratch detector: review") -> str:
+def render_page(rows, summary: dict, title: str = "Scratch detector: review", corrections: bool | None = None) -> str:
     """The whole page as one string (see write_review_page)."""
-    writer = PageWriter(None, summary, title)
+    writer = PageWriter(None, summary, title, corrections=corrections)
     for row in rows:
         writer.add(row)
     parts = []
@@ -144,8 +150,11 @@ class PageWriter:
     highest p(defect), max_rows in all (see the module docstring)."""
 
     def __init__(self, path: str | Path | None, summary: dict, title: str = "Scratch detector: review",
-                 max_rows: int = PAGE_MAX_ROWS, scratch: str | Path | None = None):
+                 max_rows: int = PAGE_MAX_ROWS, scratch: str | Path | None = None, corrections: bool | None = None):
+        """corrections: the label buttons and labels.csv; None: on unless rows carry the true label."""
         self.path, self.summary, self.title, self.max_rows = path, dict(summary), title, max_rows
+        self.corrections = corrections
+        self.rows_digest = hashlib.sha256()  # of every row's name and p(defect): see labels_key
         self.spool = tempfile.TemporaryFile(dir=scratch)
         self.numbers = dict.fromkeys(["all", "defect", "non-defect", "error", "wrong", "unfamiliar"], 0)
         self.has_truth = self.has_familiarity = False
@@ -154,6 +163,7 @@ class PageWriter:
     def add(self, row: dict) -> None:
         [compact] = page_rows([row])
         self.spool.write(script_json(compact).encode("utf-8") + b"\n")
+        self.rows_digest.update(script_json(compact[0:3:2]).encode("utf-8") + b"\n")
         self.numbers["all"] += 1
         self.numbers["defect"] += compact[1] == "defect"
         self.numbers["non-defect"] += compact[1] == "non-defect"
@@ -165,6 +175,16 @@ class PageWriter:
             self.numbers["error"] += 1
         elif compact[2] is not None:
             self.histogram[_bin(compact[2])] += 1
+
+    def labels_key(self) -> str:
+        """The localStorage key of this run's labels. The run is what the summary names (its input folder, or
+        evaluate's data and split, and the model file) and what it found: every image's name and p(defect).
+        The results count because a folder's contents change (today's frames under yesterday's names must not
+        inherit yesterday's labels) and a retrained model under the same path gives other p; the date does not,
+        so a page written again for the same results (a resumed or repeated run) finds its labels."""
+        run = [self.title] + [printable(self.summary.get(key, "")) for key in ("input", "data", "split", "model")]
+        digest = hashlib.sha256(script_json(run).encode("utf-8") + self.rows_digest.digest())
+        return "scratch-detector.labels." + digest.hexdigest()[:32]
 
     def _selection(self):
         """-> a test of (compact row, its place among the rows of its p bin) for the rows to list, and
@@ -208,7 +228,8 @@ class PageWriter:
         if keep is not None:
             summary["listed"] = (f"{listed:,} of {numbers['all']:,} images: every error, then the highest "
                                  f"p(defect) (a page lists at most {self.max_rows:,}; predictions.csv has all)")
-        head, tail = _page_frame(numbers, summary, self.title, self.has_truth)
+        corrections = not self.has_truth if self.corrections is None else self.corrections
+        head, tail = _page_frame(numbers, summary, self.title, self.has_truth, corrections)
         emit(head)
         emit('{"rows":[')
         self.spool.flush()
@@ -219,7 +240,8 @@ class PageWriter:
                 continue
             emit(("" if first else ",") + line.decode("utf-8").rstrip("\n"))
             first = False
-        emit(f'],"has_truth":{"true" if self.has_truth else "false"},"chunk":{CHUNK_ROWS}}}')
+        labels = script_json({"key": self.labels_key()}) if corrections else "null"
+        emit(f'],"has_truth":{"true" if self.has_truth else "false"},"chunk":{CHUNK_ROWS},"labels":{labels}}}')
         emit(tail)
 
     def write(self) -> Path:
@@ -239,7 +261,8 @@ def _bin(p: float) -> int:
     return min(P_BINS, max(0, int(p * P_BINS + 0.5)))
 
 
-def _page_frame(numbers: dict, summary: dict, title: str, has_truth: bool) -> tuple[str, str]:
+def _page_frame(numbers: dict, summary: dict, title: str, has_truth: bool, corrections: bool = False
+                ) -> tuple[str, str]:
     """The page before and after its JSON rows."""
     esc = lambda value: html.escape(printable(value), quote=True)  # noqa: E731
     count_boxes = "".join(f'<div class="count {key}"><b>{number}</b><span>{COUNT_LABELS[key]}</span></div>'
@@ -250,6 +273,21 @@ def _page_frame(numbers: dict, summary: dict, title: str, has_truth: bool) -> tu
         f'<button type="button" data-filter="{key}" aria-pressed="{str(key == "all").lower()}">'
         f'{FILTER_LABELS[key]}<span class="n">{number}</span></button>' for key, number in numbers.items())
     truth_header = "<th>Truth</th>" if has_truth else ""
+    label_header = '<th id="label-head">Your label</th>' if corrections else ""
+    label_help = ("""<p>Label: click <b>scratch</b> or <b>not a scratch</b> on a row, or press
+<kbd>s</kbd> (scratch), <kbd>n</kbd> (not a scratch), <kbd>u</kbd> (remove the label) on the selected row or in
+the full overlay; <kbd>&uarr;</kbd> <kbd>&darr;</kbd> move between rows. Labels stay in this browser;
+Download labels.csv saves them.</p>"""
+                  if corrections else "")
+    label_bar = ("""<div id="labels" role="group" aria-label="Your labels">
+<span id="labelled" aria-live="polite">0 labelled</span>
+<button type="button" id="download-labels" disabled>Download labels.csv</button>
+<button type="button" id="clear-labels" disabled>Clear labels</button>
+<span id="clear-confirm" hidden>Clear all <span id="clear-count"></span> labels?
+<button type="button" id="clear-yes">Clear</button> <button type="button" id="clear-no">Keep</button></span>
+<span id="labels-note" role="status"></span>
+</div>
+""" if corrections else "")
     csp = ("default-src 'none'; img-src 'self' file: data: blob:; "
            f"style-src {_csp_hash(CSS)}; script-src {_csp_hash(JS)}; base-uri 'none'; form-action 'none'")
     head = f"""<!DOCTYPE html>
@@ -263,7 +301,7 @@ def _page_frame(numbers: dict, summary: dict, title: str, has_truth: bool) -> tu
 </head>
 <body>
 <header><h1>{esc(title)}</h1><p>Click a row for the full overlay (arrow keys: previous / next, Escape: close).
-Overlay: the image | the heatmap of where the model sees a scratch.</p></header>
+Overlay: the image | the heatmap of where the model sees a scratch.</p>{label_help}</header>
 <section id="summary" aria-label="Summary">
 <div class="counts">{count_boxes}</div>
 <dl class="meta">{meta_lines}</dl>
@@ -278,12 +316,12 @@ Overlay: the image | the heatmap of where the model sees a scratch.</p></header>
 </select></label>
 <input id="search" type="search" placeholder="Find in names" aria-label="Find in names">
 <span id="shown" aria-live="polite"></span>
-</nav>
+{label_bar}</nav>
 <main>
 <table id="results">
 <thead><tr><th>Overlay</th><th><button type="button" data-sort="name-asc name-desc">Image</button></th>
 <th>Prediction</th><th><button type="button" data-sort="p-desc p-asc">p(defect)</button></th>{truth_header}
-<th>Status</th></tr></thead>
+<th>Status</th>{label_header}</tr></thead>
 <tbody id="rows"></tbody>
 </table>
 <div id="more" hidden><button type="button" id="more-button">Show more</button></div>
@@ -291,7 +329,7 @@ Overlay: the image | the heatmap of where the model sees a scratch.</p></header>
 </main>
 <dialog id="viewer" aria-label="Overlay">
 <figure><img id="viewer-img" alt=""><span id="viewer-none" class="none" hidden>no overlay for this image</span></figure>
-<div class="viewer-bar"><span id="viewer-caption" class="caption"></span>
+<div class="viewer-bar"><span id="viewer-caption" class="caption"></span><span id="viewer-label"></span>
 <button type="button" id="viewer-prev" aria-label="Previous">&larr;</button>
 <button type="button" id="viewer-next" aria-label="Next">&rarr;</button>
 <button type="button" id="viewer-close" aria-label="Close">Close</button></div>
@@ -305,7 +343,8 @@ Overlay: the image | the heatmap of where the model sees a scratch.</p></header>
     return head, tail
 
 
-def write_review_page(path: str | Path, rows, summary: dict, title: str = "Scratch detector: review") -> Path:
+def write_review_page(path: str | Path, rows, summary: dict, title: str = "Scratch detector: review",
+                      corrections: bool | None = None) -> Path:
     """Write the review page to `path` atomically and return the path.
 
     rows: dicts with image, prediction ('defect' / 'non-defect' / '' for unreadable files),
@@ -313,8 +352,10 @@ def write_review_page(path: str | Path, rows, summary: dict, title: str = "Scrat
     folder, '' for none), status ('ok' or 'error: ...') and optionally truth (the true label: rows whose
     prediction differs are marked wrong and get their own filter). summary: label -> value lines for the
     top of the page (model_summary() gives the model's); the counts and the date are added here.
+    corrections: the label buttons and labels.csv (None: unless the rows carry the true label).
     """
-    writer = PageWriter(path, summary, title, scratch=Path(path).parent if Path(path).parent.is_dir() else None)
+    writer = PageWriter(path, summary, title, scratch=Path(path).parent if Path(path).parent.is_dir() else None,
+                        corrections=corrections)
     for row in rows:
         writer.add(row)
     return writer.write()

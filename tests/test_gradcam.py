@@ -153,8 +153,9 @@ def test_overlay_shows_image_beside_heatmap_with_verdict():
     assert overlay.shape[1] == 160 and banner > 0
     assert np.array_equal(overlay[banner:, :80], cv2.cvtColor(image, cv2.COLOR_RGB2BGR))  # original untouched
     right = overlay[banner:, 80:].astype(int)
-    hot_column, cold_column = right[:, 27], right[:, 70]
-    assert hot_column[:, 2].mean() > cold_column[:, 2].mean() + 40  # jet colour map: hot = red
+    hot_column, cold_column = right[:, 26], right[:60, 70]  # the cold one above the colour scale's corner
+    assert (hot_column[:, 2] - hot_column[:, 0]).mean() > 80  # hot: red over the grey steel
+    assert np.array_equal(cold_column, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)[:60, 70])  # cold: the steel as it is
     assert (overlay[:banner] == 255).any()  # white text on the banner
     as_png = cv2.imdecode(np.frombuffer(encode_overlay(overlay, "png"), np.uint8), cv2.IMREAD_COLOR)
     assert np.array_equal(as_png, overlay)  # lossless
@@ -163,4 +164,5 @@ def test_overlay_shows_image_beside_heatmap_with_verdict():
     assert jpeg_bytes[:2] == b"\xff\xd8" and as_jpeg.shape == overlay.shape
     error = np.abs(as_jpeg.astype(int) - overlay)
     assert error.mean() < 2.5 and np.percentile(error, 99) < 30  # quality 95: close to the drawn pixels
-    assert (as_jpeg[banner:, 80:][:, 27, 2].astype(int).mean() > as_jpeg[banner:, 80:][:, 70, 2].mean() + 40)
+    hot = as_jpeg[banner:, 80:][:, 26].astype(int)
+    assert (hot[:, 2] - hot[:, 0]).mean() > 60  # still red after JPEG

@@ -1,4 +1,5 @@
-"""The review page (review.py): escaping, and the real page in a real headless Chromium.
+"""The review page (review.py): escaping, and the real page in a real headless Chromium, with its labels
+(corrections kept in localStorage, downloaded as labels.csv).
 
 The browser tests need /usr/bin/chromium (Debian package `chromium`; .ci/run installs it) and the `playwright`
 package (requirements-dev.txt), which only drives that browser: `playwright install` is never needed. Where
@@ -124,6 +125,37 @@ def test_content_security_policy_allows_exactly_the_inline_code():
         digest = base64.b64encode(hashlib.sha256(source.encode()).digest()).decode()
         assert f"{directive} 'sha256-{digest}'" in policy
     assert "default-src 'none'" in policy and "http" not in policy
+
+
+def label_json(page: str):
+    return json.loads(next(text for attrs, text in parse(page).scripts if attrs.get("id") == "review-data"))["labels"]
+
+
+def test_labels_key_names_the_run_and_controls_only_where_labels_make_sense():
+    rows = [{"image": f"coil_{i}.png", "prediction": "defect", "defect_probability": i / 10, "gradcam": "",
+             "status": "ok"} for i in range(5)]
+    summary = {"input": "/line3/today", "model": "model_binary.pth", "page_written": "monday"}
+
+    def key(rows=rows, **changes):
+        writer = review.PageWriter(None, {**summary, **changes})
+        for row in rows:
+            writer.add(row)
+        return writer.labels_key()
+    same = key()
+    assert same == key(page_written="tuesday") and re.fullmatch(r"scratch-detector\.labels\.[0-9a-f]{32}", same)
+    assert key(input="/line3/yesterday") != same and key(model="other.pth") != same
+    assert key(rows[:4]) != same  # one image fewer
+    assert key([{**r, "image": "x.png"} if i == 2 else r for i, r in enumerate(rows)]) != same  # same name, other image
+    assert key([{**r, "defect_probability": 0.25} if i == 2 else r for i, r in enumerate(rows)]) != same  # other p
+
+    infer_page = review.render_page(rows, summary)
+    assert label_json(infer_page) == {"key": same}
+    ids = {attrs.get("id") for _, attrs in parse(infer_page).tags}
+    assert {"labels", "download-labels", "clear-labels", "label-head"} <= ids
+    for page in (review.render_page(hostile_rows(), summary),  # rows with the truth: evaluate.py's page
+                 review.render_page(rows, summary, corrections=False)):
+        assert label_json(page) is None
+        assert not {"labels", "download-labels", "label-head"} & {attrs.get("id") for _, attrs in parse(page).tags}
 
 
 def test_page_is_written_atomically(tmp_path):
@@ -323,6 +355,7 @@ def test_evaluate_review_page(page, tmp_path, tiny_checkpoint):
     page.click("button[data-filter=wrong]")
     assert sorted(texts(page, "#rows td.name")) == sorted(metrics["misclassified"])
     assert page.locator("#rows tr.wrong").count() == len(metrics["misclassified"])
+    assert page.locator("#labels, #rows td.label, #rows button[data-label]").count() == 0  # the truth is known here
     assert page.dialogs == [] and page.errors == []
 
 
@@ -348,4 +381,193 @@ def test_unfamiliar_badge_count_and_filter_in_chromium(page, tmp_path, familiar_
     page.click("button[data-filter=unfamiliar]")
     assert texts(page, "#rows td.name") == ["far.png"]
     assert "unfamiliar if" in page.locator("body").text_content()  # the summary says what it means
+    assert page.dialogs == [] and page.errors == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Labels: a person's corrections on infer.py's page, kept in localStorage, downloaded as labels.csv
+# ---------------------------------------------------------------------------------------------------------
+# a comma, quotes, spaces, # ? %, non-ASCII, a newline, </script> (its '/' makes a folder 'sub dir/x<')
+LABEL_NAMES = [HOSTILE, "a \"b\" & 'c' #1 ?x 100%.png", 'comma, "quoted".png', "stahl_\u00e4\u00f6\u00fc_\u50b7.png",
+               "new\nline.png", "sub dir/x</script>y.png", "plain.png"]
+OTHER = {"defect": "non-defect", "non-defect": "defect"}
+LABEL_STATE = """trs => trs.map(tr => [tr.querySelector('td.name').textContent,
+    [...tr.querySelectorAll('button[aria-pressed="true"]')].map(b => b.dataset.label).join(),
+    [...tr.querySelectorAll('button.preselected')].map(b => b.dataset.label).join(),
+    ['confirmed', 'corrected'].filter(c => tr.classList.contains(c)).join(),
+    (tr.querySelector('.label-mark') || {textContent: ''}).textContent])"""
+
+
+@pytest.fixture(scope="module")
+def label_run(tmp_path_factory, decisive_checkpoint):
+    """infer.py on images named as LABEL_NAMES and one unreadable file -> (input, output, {image: csv row})."""
+    base = tmp_path_factory.mktemp("review_labels")
+    images, output = base / "images", base / "out"
+    for seed, name in enumerate(LABEL_NAMES):
+        save_image(images / name, "scratch" if seed % 2 else "plain", seed=seed)
+    (images / "broken.jpg").write_bytes(b"this is not a JPEG")
+    result = run_script("infer.py", "--input", images, "--output", output, "--model", decisive_checkpoint)
+    assert result.returncode == 0, result.stderr
+    with open(output / "predictions.csv", newline="", encoding="utf-8") as handle:
+        rows = {row["image"]: row for row in csv.DictReader(handle)}
+    assert sorted(rows) == sorted(LABEL_NAMES + ["broken.jpg"])  # `image` is the path relative to --input
+    return images, output, rows
+
+
+def open_page(page, path: Path):
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-ready]", timeout=30_000)
+
+
+def row_of(page, name: str):
+    names = texts(page, "#rows td.name")
+    assert names.count(name) == 1, (name, names)
+    return page.locator("#rows tr").nth(names.index(name))
+
+
+def label_state(page) -> dict[str, tuple]:
+    """image -> (the person's label, the preselected label, 'confirmed' / 'corrected' / '', the row's mark)."""
+    return {name: tuple(rest) for name, *rest in page.locator("#rows tr").evaluate_all(LABEL_STATE)}
+
+
+def download_labels(page, folder: Path) -> tuple[bytes, list[list[str]]]:
+    """Click the download button; -> the file's bytes and its rows as Python's csv module reads them."""
+    with page.expect_download(timeout=10_000) as info:
+        page.click("#download-labels")
+    download = info.value
+    assert download.suggested_filename == "labels.csv"
+    target = folder / "labels.csv"
+    download.save_as(target)
+    with open(target, newline="", encoding="utf-8") as handle:
+        return target.read_bytes(), list(csv.reader(handle))
+
+
+def test_labels_persist_and_download_in_chromium(page, label_run, tmp_path):
+    images, output, predictions = label_run
+    open_page(page, output / "index.html")
+    header = page.locator("header").text_content()
+    assert "press s (scratch), n (not a scratch), u (remove the label)" in " ".join(header.split())
+    unlabelled = label_state(page)
+    assert unlabelled == {name: ("", row["prediction"], "", "") if row["prediction"] else ("", "", "", "")
+                          for name, row in predictions.items()}  # the model's verdict preselected, nothing labelled
+    assert row_of(page, "broken.jpg").locator("button").count() == 0  # nothing to label on an unreadable file
+    assert page.locator("#download-labels").is_disabled()
+
+    corrected, confirmed = 'comma, "quoted".png', "stahl_\u00e4\u00f6\u00fc_\u50b7.png"
+    wanted = {corrected: OTHER[predictions[corrected]["prediction"]], confirmed: predictions[confirmed]["prediction"]}
+    for name, label in wanted.items():
+        row_of(page, name).locator(f"button[data-label={label}]").click()
+    assert not page.evaluate("() => document.getElementById('viewer').open")  # a label click is not a row click
+    labelled = label_state(page)
+    assert labelled == {**unlabelled, corrected: (wanted[corrected], "", "corrected", "\u270e corrected"),
+                        confirmed: (wanted[confirmed], "", "confirmed", "\u2713 confirmed")}
+    assert page.locator("#labelled").text_content() == "2 labelled (1 confirmed, 1 corrected)"
+
+    page.reload()
+    page.wait_for_selector("body[data-ready]", timeout=30_000)
+    assert label_state(page) == labelled  # kept in the browser
+    assert page.locator("#labelled").text_content() == "2 labelled (1 confirmed, 1 corrected)"
+    page.click(f"button[data-filter={predictions[corrected]['prediction']}]")  # a filter view shows them too
+    assert label_state(page)[corrected] == labelled[corrected]
+    page.click("button[data-filter=all]")
+
+    raw, table = download_labels(page, tmp_path)
+    assert table == [["image", "label"]] + [[name, wanted[name]] for name in predictions if name in wanted]
+    assert all((images / name).is_file() for name, _ in table[1:])  # relative to --input
+    assert not raw.startswith(b"\xef\xbb\xbf") and raw.endswith(b"\r\n") and raw.count(b"\r\n") == 3
+    assert b'"comma, ""quoted"".png"' in raw  # RFC 4180: quoted, quotes doubled
+    assert confirmed.encode("utf-8") in raw
+
+    row_of(page, confirmed).locator("button[aria-pressed=true]").click()  # clicked again: the label is taken back
+    assert label_state(page)[confirmed] == unlabelled[confirmed]
+    assert download_labels(page, tmp_path)[1] == [["image", "label"], [corrected, wanted[corrected]]]
+
+    page.click("#clear-labels")
+    assert page.locator("#clear-confirm").is_visible()
+    page.click("#clear-no")  # changed their mind: nothing lost
+    assert page.locator("#labelled").text_content() == "1 labelled (0 confirmed, 1 corrected)"
+    page.click("#clear-labels")
+    page.click("#clear-yes")
+    assert page.locator("#labelled").text_content() == "0 labelled" and label_state(page) == unlabelled
+    page.reload()
+    page.wait_for_selector("body[data-ready]", timeout=30_000)
+    assert label_state(page) == unlabelled and page.locator("#download-labels").is_disabled()
+    assert page.dialogs == [] and page.errors == []
+
+
+def test_label_keys_in_chromium(page, label_run, tmp_path):
+    """s / n / u on the selected row and in the full overlay; arrow keys move between rows meanwhile."""
+    images, output, predictions = label_run
+    open_page(page, output / "index.html")
+    order = texts(page, "#rows td.name")
+    assert order[-1] == "broken.jpg"  # no p(defect): last
+    page.locator("#rows tr").first.focus()
+    for key in ("s", "ArrowDown", "n", "ArrowDown", "s", "u"):  # rows 0 and 1 labelled, row 2 labelled and undone
+        page.keyboard.press(key)
+    assert page.evaluate("() => document.activeElement.dataset.pos") == "2"
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Enter")  # row 3 in the full overlay
+    page.wait_for_function("() => document.getElementById('viewer').open", timeout=5_000)
+    page.keyboard.press("n")
+    assert page.locator("#viewer-label button[aria-pressed=true]").evaluate_all("bs => bs.map(b => b.dataset.label)") \
+        == ["non-defect"]
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Shift+S")  # caps lock or shift: the same key
+    page.keyboard.press("ArrowRight")
+    page.click("#viewer-label button[data-label=defect]")  # row 5 by the viewer's button; the keys still work after
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("n")
+    page.keyboard.press("ArrowRight")  # the unreadable file: no label to give
+    assert not page.locator("#viewer-label").is_visible()
+    page.keyboard.press("s")
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => !document.getElementById('viewer').open", timeout=5_000)
+
+    wanted = {order[0]: "defect", order[1]: "non-defect", order[3]: "non-defect", order[4]: "defect",
+              order[5]: "defect", order[6]: "non-defect"}
+    state = label_state(page)
+    assert {name: state[name][0] for name in order if state[name][0]} == wanted
+    assert all(state[name][2] == ("confirmed" if label == predictions[name]["prediction"] else "corrected")
+               for name, label in wanted.items())
+    _, table = download_labels(page, tmp_path)
+    assert table == [["image", "label"]] + [[name, wanted[name]] for name in predictions if name in wanted]
+    assert len({HOSTILE, "new\nline.png", "sub dir/x</script>y.png"} & {name for name, _ in table[1:]}) >= 2
+    assert all((images / name).is_file() for name, _ in table[1:])
+    assert page.dialogs == [] and page.errors == []
+
+
+def test_labels_reach_later_rows_and_belong_to_their_run(page, tmp_path):
+    """A label shows on rows built later (another sort, scrolled to) and in a search; it stays with its run: the
+    page written again for the same results finds it, a page of other results (or another folder) does not."""
+    rows = [{"image": f"coil_{i:03d}.png", "prediction": "defect" if i >= 225 else "non-defect",
+             "defect_probability": i / 450, "gradcam": "", "status": "ok"} for i in range(450)]
+    summary = {"input": "/line3/today", "model": "model_binary.pth"}
+    path = tmp_path / "index.html"
+    review.write_review_page(path, rows, summary)
+    open_page(page, path)
+    page.locator("#rows tr").first.focus()
+    page.keyboard.press("n")  # coil_449: defect by the model, corrected
+    assert label_state(page)["coil_449.png"][:3] == ("non-defect", "", "corrected")
+
+    page.select_option("#sort", "p-asc")
+    assert "coil_449.png" not in texts(page, "#rows td.name")  # not built yet
+    for _ in range(10):  # the page also builds rows as it scrolls, so the button can move under a real click
+        if not page.locator("#more-button").is_visible():
+            break
+        page.locator("#more-button").dispatch_event("click")
+    assert page.locator("#rows tr").count() == 450
+    assert label_state(page)["coil_449.png"][:3] == ("non-defect", "", "corrected")
+    page.fill("#search", "coil_449")
+    page.wait_for_function("() => document.querySelectorAll('#rows tr').length === 1", timeout=10_000)
+    assert label_state(page)["coil_449.png"][:3] == ("non-defect", "", "corrected")
+
+    def reopen(rows, **changes) -> str:
+        review.write_review_page(path, rows, {**summary, **changes})
+        page.reload()
+        page.wait_for_selector("body[data-ready]", timeout=30_000)
+        return page.locator("#labelled").text_content()
+    assert reopen(rows, page_written="later") == "1 labelled (0 confirmed, 1 corrected)"  # the same run
+    assert reopen([{**r, "defect_probability": 0.5} if i == 7 else r for i, r in enumerate(rows)]) == "0 labelled"
+    assert reopen(rows, input="/line3/yesterday") == "0 labelled"
+    assert reopen(rows) == "1 labelled (0 confirmed, 1 corrected)"  # still kept for its own run
     assert page.dialogs == [] and page.errors == []

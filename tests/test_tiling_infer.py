@@ -344,6 +344,7 @@ def test_a_long_strip_is_tiled_in_bounded_memory(tmp_path):
     assert result.tiles == 1729 and result.probability == 0.9 and result.detections
     assert all(14800 < x < 19000 and 1000 < y < 1203 for x, y, *_ in result.detections)
     assert result.overlay.display.shape == (200, 2000, 3) and result.overlay.stacked  # 1/10 scale, one above the other
+    assert result.overlay.heat_scale == pytest.approx(0.1)  # the heat is smoothed in the strip's own pixels
     assert peak < 20e6 < count * 200 * 200 * 3 / 10, peak
 
 

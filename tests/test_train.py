@@ -264,7 +264,7 @@ def test_scratch_mark_bank_takes_annotated_scratches_with_boxes_at_the_input_siz
     write_voc(tmp_path / "scratches_1.xml", (200, 200), [(29, 1, 34, 200)])
     write_voc(tmp_path / "crazing_1.xml", (200, 200), [(1, 1, 200, 200)])
     samples = [sample("scratches_1", "scratches"), sample("crazing_1", "crazing"), sample("scratches_2", "scratches")]
-    annotations = {"scratches_1": tmp_path / "scratches_1.xml", "crazing_1": tmp_path / "crazing_1.xml"}
+    annotations = {samples[0].path: tmp_path / "scratches_1.xml", samples[1].path: tmp_path / "crazing_1.xml"}
     bank, masks = augmentation.scratch_mark_bank(samples, np.stack([image] * 3), annotations)
     assert bank.shape == (1, 100, 100)
     assert bank[0, 50, 15] > 40 and bank[0, :, 40:].abs().max() < 1e-3

@@ -20,6 +20,14 @@
   var viewer = document.getElementById("viewer"), viewerImg = document.getElementById("viewer-img");
   var viewerNone = document.getElementById("viewer-none"), caption = document.getElementById("viewer-caption");
 
+  // Corrections: a person's label per image name ("defect" / "non-defect"), kept in localStorage under the
+  // run's key (review.py, PageWriter.labels_key: the input folder, the model and every name with its p).
+  var labelling = data.labels !== null && data.labels !== undefined;
+  var LABELS = {"defect": "scratch", "non-defect": "not a scratch"};
+  var KEYS = {"s": "defect", "n": "non-defect", "u": null};
+  var labels = new Map(), named = new Map(), storageNote = "", lastDownload = null;
+  for (var k = 0; k < rows.length; k++) { named.set(rows[k][NAME], k); }
+
   function isWrong(r) { return hasTruth && r[TRUTH] !== null && r[PRED] !== "" && r[PRED] !== r[TRUTH]; }
   function byName(a, b) { return collator.compare(rows[a][NAME], rows[b][NAME]) || a - b; }
   function byP(direction) {
@@ -44,7 +52,8 @@
     var r = rows[index], tr = el("tr");
     tr.tabIndex = 0;
     tr.dataset.pos = String(position);
-    if (isWrong(r)) { tr.className = "wrong"; }
+    tr.dataset.index = String(index);
+    if (isWrong(r)) { tr.classList.add("wrong"); }
     var thumb = el("td", "thumb");
     if (r[SRC]) {
       var img = el("img");
@@ -76,7 +85,46 @@
       tr.appendChild(truth);
     }
     tr.appendChild(el("td", r[STATUS] === "ok" ? "status" : "status error", r[STATUS]));
+    if (labelling) {
+      var cell = el("td", "label");
+      if (r[PRED]) { cell.appendChild(labelButtons()); cell.appendChild(el("span", "label-mark")); }
+      else { cell.appendChild(el("span", "none", "unreadable")); }
+      tr.appendChild(cell);
+      showLabel(tr, index);
+    }
     return tr;
+  }
+
+  function labelButtons() {
+    var group = el("span", "choices");
+    group.setAttribute("role", "group");
+    group.setAttribute("aria-label", "label");
+    Object.keys(LABELS).forEach(function (value) {
+      var button = el("button", "choice " + value, LABELS[value]);
+      button.type = "button";
+      button.dataset.label = value;
+      group.appendChild(button);
+    });
+    return group;
+  }
+  // A label's look, in a row or the viewer: the model's verdict preselected (until a person decides), the
+  // person's choice pressed, and the row marked confirmed (same as the model) or corrected (not).
+  function showLabel(container, index) {
+    var r = rows[index], label = labels.get(r[NAME]), state = "";
+    if (label) { state = label === r[PRED] ? "confirmed" : "corrected"; }
+    container.classList.toggle("confirmed", state === "confirmed");
+    container.classList.toggle("corrected", state === "corrected");
+    container.querySelectorAll("button[data-label]").forEach(function (button) {
+      var value = button.dataset.label;
+      button.setAttribute("aria-pressed", String(label === value));
+      button.classList.toggle("preselected", !label && r[PRED] === value);
+      button.title = (label === value ? "your label (click again to remove it)" :
+                      r[PRED] === value ? "the model's verdict" : "");
+    });
+    var mark = container.querySelector(".label-mark");
+    if (mark) {
+      mark.textContent = state === "confirmed" ? "\u2713 confirmed" : state === "corrected" ? "\u270e corrected" : "";
+    }
   }
 
   function updateShown() {
@@ -122,10 +170,100 @@
     facts.push(r[STATUS]);
     caption.appendChild(document.createTextNode("  \u00b7  " + facts.join("  \u00b7  ")));
     caption.appendChild(document.createTextNode("  (" + (position + 1) + " of " + view.length + ")"));
+    if (labelling) { showViewerLabel(); }
     if (!viewer.open) { lastFocus = document.activeElement; viewer.showModal(); }
   }
   function closeViewer() {
     if (viewer.open) { viewer.close(); }
+  }
+
+  // ---- labels: storage, counts, download -------------------------------------------------------------
+  function loadLabels() {
+    labels = new Map();
+    var text = null;
+    try { text = window.localStorage.getItem(data.labels.key); }
+    catch (error) {
+      storageNote = "labels are not kept in this browser (no storage for pages opened from disk): " +
+                    "download them before closing";
+    }
+    if (!text) { return; }
+    try {
+      JSON.parse(text).forEach(function (pair) {  // [[name, label], ...]; names no longer on the page are dropped
+        if (named.has(pair[0]) && rows[named.get(pair[0])][PRED] && LABELS.hasOwnProperty(pair[1])) {
+          labels.set(pair[0], pair[1]);
+        }
+      });
+    } catch (error) { labels = new Map(); }
+  }
+  function saveLabels() {
+    try {
+      if (labels.size) { window.localStorage.setItem(data.labels.key, JSON.stringify(Array.from(labels))); }
+      else { window.localStorage.removeItem(data.labels.key); }
+      storageNote = "";
+    } catch (error) {
+      storageNote = "could not save the labels in this browser (" + error.name + "): download them before closing";
+    }
+  }
+  function updateLabelBar() {
+    var corrected = 0;
+    labels.forEach(function (label, name) { corrected += label !== rows[named.get(name)][PRED]; });
+    document.getElementById("labelled").textContent = labels.size.toLocaleString() + " labelled" +
+      (labels.size ? " (" + (labels.size - corrected).toLocaleString() + " confirmed, " +
+                     corrected.toLocaleString() + " corrected)" : "");
+    document.getElementById("download-labels").disabled = labels.size === 0;
+    document.getElementById("clear-labels").disabled = labels.size === 0;
+    document.getElementById("labels-note").textContent = storageNote;
+  }
+  function refreshLabels() {
+    tbody.querySelectorAll("tr").forEach(function (tr) { showLabel(tr, Number(tr.dataset.index)); });
+    if (viewer.open) { showViewerLabel(); }
+    updateLabelBar();
+  }
+  // label: "defect", "non-defect", or null to remove the row's label
+  function setLabel(index, label) {
+    var r = rows[index];
+    if (!r || !r[PRED]) { return; }
+    if (label) { labels.set(r[NAME], label); } else { labels.delete(r[NAME]); }
+    saveLabels();
+    var tr = tbody.querySelector('tr[data-index="' + index + '"]');
+    if (tr) { showLabel(tr, index); }
+    if (viewer.open && view[current] === index) { showViewerLabel(); }
+    updateLabelBar();
+  }
+  function toggleLabel(index, label) { setLabel(index, labels.get(rows[index][NAME]) === label ? null : label); }
+  // the viewer's buttons are made once (remade, a focused one would take the keyboard focus with it)
+  function showViewerLabel() {
+    var box = document.getElementById("viewer-label"), index = view[current];
+    if (!rows[index][PRED] && box.contains(document.activeElement)) { document.getElementById("viewer-next").focus(); }
+    box.hidden = !rows[index][PRED];
+    showLabel(box, index);
+  }
+  // RFC 4180: a field holding a comma, a quote, CR or LF is quoted, its quotes doubled; lines end in CRLF
+  function csvField(text) { return /[",\r\n]/.test(text) ? "\"" + text.replace(/"/g, "\"\"") + "\"" : text; }
+  function labelsCsv() {
+    var lines = ["image,label"];
+    rows.forEach(function (r) {  // page order: by path; only the rows a person labelled
+      var label = labels.get(r[NAME]);
+      if (label) { lines.push(csvField(r[NAME]) + "," + label); }
+    });
+    return lines.join("\r\n") + "\r\n";
+  }
+  function downloadLabels() {
+    // a blob: URL on an <a download>: works from file:// with no server; the Blob is UTF-8 (no BOM)
+    if (lastDownload) { URL.revokeObjectURL(lastDownload); }
+    lastDownload = URL.createObjectURL(new Blob([labelsCsv()], {type: "text/csv;charset=utf-8"}));
+    var link = el("a");
+    link.href = lastDownload;
+    link.download = "labels.csv";
+    link.hidden = true;
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+  }
+  function labelKey(event) {
+    if (!labelling || event.ctrlKey || event.metaKey || event.altKey) { return undefined; }
+    var key = event.key.length === 1 ? event.key.toLowerCase() : "";
+    return KEYS.hasOwnProperty(key) ? KEYS[key] : undefined;
   }
 
   document.querySelectorAll(".filters button").forEach(function (button) {
@@ -155,15 +293,28 @@
   window.addEventListener("scroll", function () { if (nearEnd()) { renderMore(); } }, {passive: true});
   window.addEventListener("resize", function () { window.requestAnimationFrame(fill); });
   tbody.addEventListener("click", function (event) {
-    var tr = event.target.closest("tr");
-    if (tr) { show(Number(tr.dataset.pos)); }
+    var tr = event.target.closest("tr"), choice = event.target.closest("button[data-label]");
+    if (tr && choice) { toggleLabel(Number(tr.dataset.index), choice.dataset.label); }
+    else if (tr) { show(Number(tr.dataset.pos)); }
   });
+  function focusRow(position) {
+    while (position >= rendered && rendered < view.length) { renderMore(); }
+    var tr = tbody.querySelector('tr[data-pos="' + position + '"]');
+    if (tr) { tr.focus(); }
+  }
   tbody.addEventListener("keydown", function (event) {
-    var tr = event.target.closest("tr");
-    if (tr && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); show(Number(tr.dataset.pos)); }
+    var tr = event.target.closest("tr"), label = labelKey(event);
+    if (!tr) { return; }
+    if (label !== undefined) { event.preventDefault(); setLabel(Number(tr.dataset.index), label); }
+    else if (event.target.closest("button")) { return; }  // Enter / Space on a label button press it
+    else if (event.key === "Enter" || event.key === " ") { event.preventDefault(); show(Number(tr.dataset.pos)); }
+    else if (event.key === "ArrowDown") { event.preventDefault(); focusRow(Number(tr.dataset.pos) + 1); }
+    else if (event.key === "ArrowUp") { event.preventDefault(); focusRow(Number(tr.dataset.pos) - 1); }
   });
   viewer.addEventListener("keydown", function (event) {
-    if (event.key === "Escape") { event.preventDefault(); closeViewer(); }
+    var label = labelKey(event);
+    if (label !== undefined) { event.preventDefault(); setLabel(view[current], label); }
+    else if (event.key === "Escape") { event.preventDefault(); closeViewer(); }
     else if (event.key === "ArrowRight") { show(current + 1); }
     else if (event.key === "ArrowLeft") { show(current - 1); }
   });
@@ -172,6 +323,32 @@
   document.getElementById("viewer-prev").addEventListener("click", function () { show(current - 1); });
   document.getElementById("viewer-next").addEventListener("click", function () { show(current + 1); });
   document.getElementById("viewer-close").addEventListener("click", closeViewer);
+  if (labelling) {
+    document.getElementById("viewer-label").append(labelButtons(), el("span", "label-mark"));
+    document.getElementById("viewer-label").addEventListener("click", function (event) {
+      var choice = event.target.closest("button[data-label]");
+      if (choice) { toggleLabel(view[current], choice.dataset.label); }
+    });
+    document.getElementById("download-labels").addEventListener("click", downloadLabels);
+    var clearConfirm = document.getElementById("clear-confirm");
+    document.getElementById("clear-labels").addEventListener("click", function () {
+      document.getElementById("clear-count").textContent = labels.size.toLocaleString();
+      clearConfirm.hidden = false;
+      document.getElementById("clear-no").focus();
+    });
+    document.getElementById("clear-no").addEventListener("click", function () { clearConfirm.hidden = true; });
+    document.getElementById("clear-yes").addEventListener("click", function () {
+      clearConfirm.hidden = true;
+      labels = new Map();
+      saveLabels();
+      refreshLabels();
+    });
+    window.addEventListener("storage", function (event) {  // the same run open in another tab
+      if (event.key === data.labels.key || event.key === null) { loadLabels(); refreshLabels(); }
+    });
+    loadLabels();
+    updateLabelBar();
+  }
 
   sortSelect.value = state.sort;
   rebuild();

@@ -1,0 +1,146 @@
+"""From NEU to "your own line": does fine-tuning on a few corrected images recover a camera the shipped model
+handles badly, without forgetting NEU?
+
+    python bench/new_line.py                        # 20, 40 and 80 labelled images; scored on the test split
+    python bench/new_line.py --counts 80 --split val
+
+The new line is NEU under a camera change the training never draws (NEW_LINE: a flat, noisy sensor; the
+training's camera augmentation keeps contrast >= 0.5). It was picked on the shipped model's validation split as
+the change it handles worst while the scratches stay visible to a person.
+
+For each count N: N images of the new line, made from the shipped model's NEU *training* split (half scratches,
+half spread over the other five classes, as a person who corrects the review page labels both), are written as
+PNGs with labels.csv into a temp folder, and `python train.py --init model_binary.pth --labels ... --replay NEU`
+fine-tunes on them as a user would (timed, wall clock, as a child process). The shipped and each fine-tuned model
+are then scored on the new line's --split images (the same NEU images under the same change, never labelled) and
+on the clean NEU --split images (nothing forgotten), each at its own threshold. The temp folder is deleted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dataset  # noqa: E402
+from common import check, default_data_dir, load_average, machine_lines, markdown_table, run_child  # noqa: E402
+from robustness import decode_originals, perturbed_pixels  # noqa: E402
+from scratch_detector import perturb  # noqa: E402
+from scratch_detector.finetune import spread_pick  # noqa: E402
+from scratch_detector.metrics import binary_metrics  # noqa: E402
+from scratch_detector.model import load_checkpoint, predict_probabilities  # noqa: E402
+
+
+def new_line(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """NEW_LINE: contrast x0.3, then Gaussian sensor noise of sigma 10 grey levels."""
+    return perturb.noise(perturb.contrast(image, 0.3), 10.0, rng)
+
+
+NEW_LINE = "contrast x0.3, then Gaussian noise sigma 10"
+
+
+def labelled_pool(train: list, count: int, seed: int) -> list:
+    """`count` training images: half scratches, the rest spread over the other classes."""
+    rng = np.random.default_rng([seed, count])
+    scratches = [s for s in train if s.label == 1]
+    others = [s for s in train if s.label == 0]
+    return sorted(spread_pick(scratches, count // 2, rng) + spread_pick(others, count - count // 2, rng),
+                  key=lambda s: s.relpath)
+
+
+def write_line_folder(folder: Path, samples: list) -> Path:
+    """The new line's labelled images as PNG (lossless: the change is the camera, not the file) with neutral names,
+    and labels.csv as the review page writes it."""
+    folder.mkdir(parents=True)
+    originals = decode_originals(samples)
+    rows = []
+    for index, (sample, image) in enumerate(zip(samples, originals)):
+        name = f"line_{index:04d}.png"
+        # each image's noise seeded by its name's position in the NEU data, not by this list: the same image
+        # gets the same noise in every count
+        Image.fromarray(new_line(image, np.random.default_rng(zlib.crc32(sample.relpath.encode())))).save(folder / name)
+        rows.append((name, dataset.BINARY_CLASSES[sample.label]))
+    with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([("image", "label"), *rows])
+    return folder / "labels.csv"
+
+
+def score(model_path: Path, sets: dict, device: str = "cpu") -> dict:
+    """{set name: metrics at the checkpoint's own threshold, calibrated as infer.py runs it}."""
+    model, meta = load_checkpoint(model_path, device)
+    return {name: binary_metrics(predict_probabilities(model, pixels, meta["normalization"], 64, device).numpy(),
+                                 labels, float(meta["threshold"]))
+            for name, (pixels, labels) in sets.items()}
+
+
+def cells(m: dict) -> list[str]:
+    matrix = m["confusion_matrix"]
+    return [f"{m['accuracy']:.4f}", f"{m['recall']:.4f} ({matrix['tp']}/{matrix['tp'] + matrix['fn']})",
+            str(matrix["fp"])]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "model_binary.pth"))
+    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p.add_argument("--counts", type=int, nargs="+", default=[20, 40, 80], help="labelled images per fine-tune")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="images to score on (default: test)")
+    p.add_argument("--seed", type=int, default=0, help="which images are labelled, and train.py's --seed")
+    args, extra = p.parse_known_args(argv)
+    args.train_args = extra  # passed to train.py as they are (e.g. --epochs 3)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data_dir = default_data_dir(args.data_dir)
+    _, meta = load_checkpoint(args.model)
+    samples, _ = dataset.find_samples(data_dir, verbose=False)
+    splits = dataset.recorded_splits(samples, dataset.split_record(meta))
+    held_out = splits[args.split]
+    labels = dataset.labels_of(held_out)
+    originals = decode_originals(held_out)
+    size = int(meta["image_size"])
+    sets = {"new line": (perturbed_pixels(originals, lambda im, rng: new_line(im, rng), size), labels),
+            "clean NEU": (perturbed_pixels(originals, lambda im, rng: im, size), labels)}
+    print("\n".join(machine_lines()))
+    print(f"new line: {NEW_LINE}; scored on the {args.split} split of {args.model} ({len(held_out)} images, "
+          f"{int(labels.sum())} scratches), new line and clean", flush=True)
+
+    shipped = score(Path(args.model), sets)
+    rows = [["shipped model", "0", *cells(shipped["new line"]), *cells(shipped["clean NEU"]), "-"]]
+    with tempfile.TemporaryDirectory(prefix="new_line_") as tmp:
+        for count in args.counts:
+            folder = Path(tmp) / f"labelled_{count}"
+            labels_csv = write_line_folder(folder, labelled_pool(splits["train"], count, args.seed))
+            checkpoint = Path(tmp) / f"finetuned_{count}.pth"
+            command = ["train.py", "--init", str(Path(args.model).resolve()), "--labels", str(labels_csv),
+                       "--replay", str(data_dir), "--output", str(checkpoint), "--reports", str(Path(tmp) / f"r{count}"),
+                       "--seed", str(args.seed), *args.train_args]
+            run = run_child([sys.executable, *command], Path(tmp) / f"train_{count}.log")
+            check(run, " ".join(command))
+            print(run.log.read_text(errors="replace").split("held-out labelled images")[-1].rstrip(), flush=True)
+            tuned = score(checkpoint, sets)
+            rows.append([f"fine-tuned on {count}", str(count), *cells(tuned["new line"]), *cells(tuned["clean NEU"]),
+                         f"{run.wall_s:.0f}"])
+            print(f"{count} labelled: fine-tune {run.wall_s:.0f} s; new line {cells(tuned['new line'])}, clean "
+                  f"{cells(tuned['clean NEU'])}", flush=True)
+    print(f"\n## New line ({NEW_LINE}), {args.split} split: shipped and fine-tuned\n")
+    print(markdown_table(["model", "labelled images", "new line accuracy", "new line recall", "new line false alarms",
+                          "clean NEU accuracy", "clean NEU recall", "clean NEU false alarms",
+                          "fine-tune wall s (whole train.py)"], rows))
+    print(f"\ntrain.py arguments added: {' '.join(args.train_args) or 'none'}; load average at the end "
+          f"{load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

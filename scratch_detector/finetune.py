@@ -1,0 +1,79 @@
+"""Fine-tuning on a user's own labelled images (train.py --init CHECKPOINT --labels labels.csv --replay NEU):
+which NEU images are mixed in so the model keeps what it knew, how a small validation split is topped up, and
+the before/after table train.py prints on the user's held-out images.
+
+Replay: REPLAY_PER_IMAGE NEU training images per labelled training image, and at least REPLAY_MIN. One to one
+makes every batch about half the new line and half NEU, so each update is pulled back towards what the model
+already gets right, at twice the cost of the labelled images alone; the floor keeps a handful of labels from
+outweighing NEU's six textures. The replayed images come from the starting model's own NEU training split, and
+the validation top-up from its validation split, so the NEU test split stays unseen by both models and
+`evaluate.py` can still score them on it. Measured in bench/README.md (`python bench/new_line.py`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dataset
+
+from .metrics import binary_metrics
+
+REPLAY_PER_IMAGE = 1
+REPLAY_MIN = 64
+# A threshold and a temperature chosen on a handful of images are noise: below this many labelled validation
+# images, NEU validation images (from the replay folder) make up the difference.
+MIN_VALIDATION = 60
+# What --init changes in train.py's defaults: fewer epochs (a minute on 2 cores for 80 labelled images and their
+# replay). Chosen on the new line's validation split (bench/README.md, "Your own line").
+FINETUNE_DEFAULTS = dict(epochs=3, lr=1e-3)
+
+
+def spread_pick(samples: list, count: int, rng: np.random.Generator) -> list:
+    """`count` samples drawn at random, as evenly over the classes as they allow (round robin over classes)."""
+    by_class = [[s for s in samples if s.neu_class == c] for c in dataset.CLASSES]
+    queues = [[group[i] for i in rng.permutation(len(group))] for group in by_class if group]
+    picked = []
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop())
+    return sorted(picked, key=lambda s: s.relpath)
+
+
+def replay_samples(replay_dir: str | Path, record: dict, n_train: int, n_val: int, seed: int) -> dict[str, list]:
+    """NEU images to mix in: n_train from the training split `record` describes (dataset.split_record of the
+    starting model), n_val from its validation split. Their relpaths start with 'replay/' in splits.csv."""
+    samples, _ = dataset.find_samples(replay_dir, verbose=False)
+    splits = dataset.recorded_splits(samples, record)
+    rng = np.random.default_rng([seed, 18])
+    return {name: [dataset.Sample(s.path, f"replay/{s.relpath}", s.neu_class)
+                   for s in spread_pick(splits[name], count, rng)]
+            for name, count in (("train", n_train), ("val", n_val))}
+
+
+def replay_counts(n_train: int, n_val: int) -> tuple[int, int]:
+    """(NEU training images, NEU validation images) to add to n_train and n_val labelled ones."""
+    return max(REPLAY_MIN, REPLAY_PER_IMAGE * n_train), max(0, MIN_VALIDATION - n_val)
+
+
+def held_out_rows(models: dict, pixels: torch.Tensor, labels, predict) -> list[dict]:
+    """{name: (model, threshold)} scored on the same images -> one row each: name, accuracy, recall, false
+    alarms, misses (counts, not only rates: the user's held-out set is small). predict(model, pixels) -> p."""
+    rows = []
+    for name, (model, threshold) in models.items():
+        metrics = binary_metrics(predict(model, pixels), labels, threshold)
+        matrix = metrics["confusion_matrix"]
+        rows.append({"model": name, "accuracy": metrics["accuracy"], "recall": metrics["recall"],
+                     "false_alarms": matrix["fp"], "missed": matrix["fn"], "scratches": matrix["fn"] + matrix["tp"],
+                     "images": metrics["n_images"]})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    width = max(len(r["model"]) for r in rows)
+    lines = [f"  {'model':<{width}}  accuracy  scratches found  false alarms"]
+    lines += [f"  {r['model']:<{width}}  {r['accuracy']:8.4f}  {r['scratches'] - r['missed']:>6} of {r['scratches']:<6}"
+              f"  {r['false_alarms']:>5} of {r['images'] - r['scratches']}" for r in rows]
+    return "\n".join(lines)
