@@ -10,7 +10,8 @@ the tiles' heatmaps are blended into one (scratch_detector/pipeline.py).
 
 The local engine (scratch_detector/engines/local.py) decodes in a reader thread and draws and writes overlays
 in a writer thread, while the model works on two batches at once; every queue is bounded, so memory does not
-grow with the number of images or tiles.
+grow with the number of images or tiles. Batch size and stream count are fitted to --max-memory (default: half
+of the available memory; scratch_detector/memory.py), and the run header says which were chosen.
 
 Resumable: each finished image is recorded in OUT/.journal/ (scratch_detector/storage.py) once its overlay is
 in place, fsync'd in batches. Rerunning the same command after a crash, Ctrl-C, kill -9 or a power cut does
@@ -34,6 +35,7 @@ from gradcam import METHODS
 from scratch_detector.inference import run_inference
 from scratch_detector.overlay import OVERLAY_FORMATS
 from scratch_detector.runtime import run_main
+from scratch_detector.memory import parse_memory
 from scratch_detector.settings import DEFAULT_CAM, DEFAULT_CAM_LAYER, FRAME_OVERLAY_SIDE, HEATMAP_DIR
 
 
@@ -43,7 +45,12 @@ def parse_args(argv=None):
     p.add_argument("--output", default="outputs", help="folder for predictions.csv and gradcam/ (default: %(default)s)")
     p.add_argument("--model", default="model_binary.pth", help="checkpoint (default: %(default)s)")
     p.add_argument("--threshold", type=float, help="defect if p(defect) >= this (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch and model stream (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="images per batch and model stream (default on a CPU: the largest of 4, 2, 1 that fits "
+                        "--max-memory; on a GPU 16)")
+    p.add_argument("--max-memory", default="auto",
+                   help="peak memory to fit batch size and stream count into, e.g. 1.5G or 1500M; auto: half of "
+                        "the memory available at start (default: %(default)s; the run header shows the choice)")
     p.add_argument("--cam", choices=sorted(METHODS), default=DEFAULT_CAM, help="CAM method (default: %(default)s)")
     p.add_argument("--cam-layer", default=DEFAULT_CAM_LAYER, help="layer to explain (default: %(default)s)")
     p.add_argument("--no-cam", action="store_true", help="predictions only, no overlays (faster)")
@@ -52,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--streams", type=int, default=0,
                    help="batches worked on side by side, each on its own model copy (default: 2 on a CPU with "
-                        "2+ threads, else 1)")
+                        "2+ threads, else 1; fewer if --max-memory needs it)")
     p.add_argument("--tile", choices=["auto", "off"], default="auto",
                    help="auto: an image larger than --tile-size on either side is cut into overlapping tiles at "
                         "native scale, each classified and explained; off: every image is shrunk whole to the "
@@ -87,8 +94,12 @@ def parse_args(argv=None):
         p.error("--ray-address, --ray-actors and --ray-cpus need --engine ray")
     if args.ray_actors < 0 or args.ray_cpus < 0 or (args.ray_address and args.ray_cpus):
         p.error("--ray-actors and --ray-cpus must be >= 0; --ray-cpus is for a Ray started here, not --ray-address")
-    if args.batch_size < 1 or args.streams < 0:
-        p.error("--batch-size must be >= 1 and --streams >= 0")
+    if args.batch_size < 0 or args.streams < 0:
+        p.error("--batch-size and --streams must be >= 1 (or 0: fitted to --max-memory)")
+    try:
+        args.max_memory = parse_memory(args.max_memory)
+    except ValueError as error:
+        p.error(f"--max-memory: {error}")
     if args.tile_size < 1 or not 1 <= (args.tile_stride or 1) <= args.tile_size:
         p.error("need --tile-size >= 1 and 1 <= --tile-stride <= --tile-size (else pixels fall between tiles)")
     if args.overlay_max_side < 256:

@@ -4,6 +4,7 @@ Import rule: scripts -> scratch_detector -> core modules dataset.py and gradcam.
 scratch_detector.runtime); nothing imports a script; no circles.
 
     settings.py   one inference run's settings (RunSettings), DEFAULT_CAM, output names and CSV columns
+    memory.py     batch size and model streams fitted to infer.py's --max-memory
     inference.py  one inference run: list, pending, engine, assemble, clean up (infer.py calls it)
     engines/      local.py (threads in this process) and ray_pool.py (a Ray Data actor pool):
                   run(todo, settings, journal, header), the same per-image work (pipeline.py)

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 import dataset
 from gradcam import resolve_layer
 
@@ -29,6 +31,7 @@ from .engines import local
 from .model import fold_batchnorm, load_checkpoint, pick_device
 from .review import PageWriter, model_summary
 from .runtime import UserError, ensure_writable_dir
+from .memory import GPU_BATCH_SIZE, MemoryFit, fit_memory
 from .settings import (CSV_COLUMNS, DETECTION_COLUMNS, HEATMAP_DIR, OVERLAY_DIR, OVERLAY_SUFFIXES,
                        UNFAMILIAR_RUN_SHARE, RunSettings, heatmap_name, overlay_names)
 from .storage import JOURNAL_DIR, SEGMENT_GLOB, Listing, RunJournal, SortedRecords, file_sha256, sorted_listing
@@ -167,6 +170,15 @@ def familiarity_summary(counts: Counter, meta: dict) -> str:
     return line
 
 
+def memory_fit(args, meta: dict, device) -> MemoryFit:
+    """Batch size and stream count for the local engine, fitted to --max-memory (memory.fit_memory); the
+    Ray engine's actors are sized by Ray, so only its batch size is filled in."""
+    if args.engine == "ray":
+        return MemoryFit(args.streams, args.batch_size or GPU_BATCH_SIZE, 0, None, "not fitted for --engine ray")
+    return fit_memory(args.max_memory, args.batch_size, args.streams, int(meta["image_size"]),
+                      None if args.no_cam else args.cam_layer, device.type, torch.get_num_threads())
+
+
 def run_inference(args) -> int:
     """The run infer.py's command line asks for (args: its parsed arguments)."""
     started = time.time()
@@ -193,6 +205,8 @@ def run_inference(args) -> int:
     network = model if args.engine == "local" else None
     settings = RunSettings.from_args(args, meta, file_sha256(args.model), str(device), network)
     del model, network
+    fit = memory_fit(args, meta, device)
+    settings = replace(settings, batch_size=fit.batch_size, streams=fit.streams)
     plan = settings.plan
 
     stride = plan.stride or plan.tile - plan.tile // 4 if plan.tile else 0
@@ -206,7 +220,7 @@ def run_inference(args) -> int:
         header = (f"{len(listing)} images in {root}"
                   + (f" ({skipped} done by an earlier run, {len(todo)} to do)" if skipped else "")
                   + f"; model {settings.model} (image size {plan.image_size}, threshold {settings.threshold:.4f}); "
-                  f"{settings.describe()}; {tiling}")
+                  f"{settings.describe()}; {tiling}; {fit.describe()}")
         if settings.engine == "ray":
             from .engines import ray_pool  # only here: the local engine never imports Ray
             engine = ray_pool

@@ -87,8 +87,8 @@ class RunSettings:
     cam_layer: str
     overlay_format: str
     save_heatmaps: bool           # --save-heatmaps, and there is a CAM to save
-    batch_size: int
-    streams: int                  # local engine: model copies side by side (0: its choice)
+    batch_size: int               # chosen by fit_memory unless given
+    streams: int                  # local engine: model copies side by side (chosen by fit_memory unless given)
     device: str                   # local engine: 'cpu' or 'cuda'
     restart: bool
     engine: str                   # 'local' or 'ray'

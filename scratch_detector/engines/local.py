@@ -162,7 +162,7 @@ def run(todo: Listing, settings: RunSettings, journal: RunJournal, header: str) 
     device = torch.device(settings.device)
     streams = ModelStreams(settings.network, settings.normalization, settings.cam, settings.cam_layer,
                            settings.streams, device, settings.familiarity_stats)
-    print(f"{header}; device {device}, {streams.describe()}", flush=True)
+    print(f"{header}; device {device}, {streams.describe()}, batch {settings.batch_size}", flush=True)
     stop = threading.Event()
     decoded: queue.Queue = queue.Queue(maxsize=2 * settings.batch_size)
     jobs: queue.Queue = queue.Queue(maxsize=2 * settings.batch_size)

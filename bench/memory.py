@@ -1,0 +1,163 @@
+"""Where the memory of `python infer.py` goes: its peak RSS under configurations that each take one part away,
+against the import-and-load baseline (a child that imports what infer.py imports and loads the checkpoint).
+
+    python bench/memory.py                               # 300 images, the default configurations, 2 rounds
+    python bench/memory.py --images 3000 --rounds 1      # longer: more of a steady state
+    python bench/memory.py --only defaults arena2 -- --tile off   # some configurations; args after -- to each
+    python bench/memory.py --strip 20000x2000 --rounds 1 # one large frame instead (tiled: rates are tiles/s)
+
+Every run is a whole child process: peak RSS is the kernel's high-water mark (wait4 ru_maxrss), images/s is
+N / wall seconds (imports and model load included). Configurations alternate within a round, so a change in
+machine load hits all of them. The N images are NEU images repeated as symlinks in a temp folder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from common import (ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, median,
+                    parse_with_script_args, run_child)
+from infer_speed import build_inputs, neu_images, rate_from_log, warm_up
+
+# name -> (infer.py arguments, extra environment, what it separates)
+CONFIGS = {
+    "defaults": ([], {}, "infer.py as it ships: batch and streams fitted to the memory"),
+    "batch16": (["--batch-size", "16"], {}, "the previous default"),
+    "no-cam16": (["--no-cam", "--batch-size", "16"], {}, "no CAM backward pass, no overlays"),
+    "streams1-16": (["--streams", "1", "--batch-size", "16"], {}, "one model stream"),
+    "batch8": (["--batch-size", "8"], {}, "half the images per batch"),
+    "streams1-4": (["--streams", "1", "--batch-size", "4"], {}, "one stream of small batches"),
+    "arena2-16": (["--batch-size", "16"], {"MALLOC_ARENA_MAX": "2"}, "at most 2 glibc malloc arenas"),
+    "fit1G": (["--max-memory", "1G"], {}, "fitted to 1 GiB"),
+}
+def cpu_seconds_of_children() -> float:
+    """User + system CPU seconds of every child reaped so far: the difference over one run is that run's CPU
+    time, which another program on the machine changes less than the wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+BASELINE = ("import sys; sys.path.insert(0, '.'); import infer; "
+            "from scratch_detector.model import fold_batchnorm, load_checkpoint; "
+            "model, meta = load_checkpoint(sys.argv[1]); fold_batchnorm(model)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "model_binary.pth"), help="checkpoint (default: the repo's)")
+    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p.add_argument("--images", type=int, default=300, help="input images (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over all configurations (default: %(default)s)")
+    p.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="these configurations only")
+    p.add_argument("--strip", metavar="WxH", help="one frame this large (NEU images side by side) instead of --images")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="also run the defaults with this in the child's environment (repeatable)")
+    args = parse_with_script_args(p, argv, ("--input", "--output", "--model"))
+    if args.images < 1 or args.rounds < 1 or any("=" not in e for e in args.env):
+        p.error("--images and --rounds must be >= 1; --env NAME=VALUE")
+    if args.strip and not re.fullmatch(r"\d+x\d+", args.strip):
+        p.error("--strip WIDTHxHEIGHT, e.g. 20000x2000")
+    return args
+
+
+def build_strip(sources: list[Path], size: str, folder: Path) -> None:
+    """One JPEG frame of NEU images side by side (seams and all: this measures memory and speed only)."""
+    import numpy as np
+    from PIL import Image
+    width, height = map(int, size.split("x"))
+    rng = np.random.default_rng(0)
+    frame = np.zeros((height, width), np.uint8)
+    for y in range(0, height, 200):
+        for x in range(0, width, 200):
+            tile = np.asarray(Image.open(sources[rng.integers(len(sources))]).convert("L").resize((200, 200)))
+            frame[y:y + 200, x:x + 200] = tile[:height - y, :width - x]
+    folder.mkdir()
+    Image.fromarray(frame).save(folder / f"strip_{size}.jpg", quality=95)
+
+
+def units_of(log: Path, images: int) -> int:
+    """Model inputs (tiles + whole images) the run reports, else the image count."""
+    found = re.search(r"(\d+) model inputs", log.read_text(errors="replace"))
+    return int(found[1]) if found else images
+
+
+def header_of(log: Path) -> str:
+    """How the run ran, from its header: batch size and streams (empty for an older infer.py)."""
+    text = log.read_text(errors="replace")
+    streams = re.search(r"(\d+) model streams? x (\d+) thread", text)
+    batch = re.search(r"batch (\d+)", text)
+    return ", ".join(filter(None, [f"{streams[1]} x {streams[2]} thr" if streams else "",
+                                   f"batch {batch[1]}" if batch else ""]))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model = Path(args.model).resolve()
+    if not model.is_file():
+        sys.exit(f"error: checkpoint not found: {model}")
+    sources = neu_images(default_data_dir(args.data_dir))
+    configs = {name: CONFIGS[name] for name in (args.only or CONFIGS)}
+    for entry in args.env:
+        configs[entry] = ([], dict([entry.split("=", 1)]), "environment")
+    machine = machine_lines()
+    print("\n".join(machine), flush=True)
+    warm_up(sources)
+    runs: dict[str, list[dict]] = {"baseline": [], **{name: [] for name in configs}}
+    unit = "tiles" if args.strip else "images"
+    with tempfile.TemporaryDirectory(prefix="memory_bench_") as tmp:
+        work = Path(tmp)
+        inputs = work / "images"
+        if args.strip:
+            build_strip(sources, args.strip, inputs)
+        else:
+            build_inputs(sources, args.images, inputs)
+        for round_ in range(1, args.rounds + 1):
+            run = run_child([sys.executable, "-c", BASELINE, str(model)], work / "baseline.log")
+            check(run, "the baseline")
+            runs["baseline"].append(dict(rss=run.peak_rss_mib, rate=float("nan"), how=""))
+            for name, (extra, env, _) in configs.items():
+                output = work / "out"
+                cpu_before = cpu_seconds_of_children()
+                run = run_child([sys.executable, "infer.py", "--input", str(inputs), "--output", str(output),
+                                 "--model", str(model), *extra, *args.script_args],
+                                work / f"{name}.log", env={**os.environ, **env}, sample_every=0.25)
+                check(run, f"infer.py ({name})")
+                units = units_of(run.log, args.images)
+                cpu_ms = 1000 * (cpu_seconds_of_children() - cpu_before) / units
+                own = re.findall(r"([\d.]+) inputs/s", run.log.read_text()) if args.strip else None
+                runs[name].append(dict(rss=run.peak_rss_mib, rate=units / run.wall_s, cpu_ms=cpu_ms,
+                                       own=float(own[-1]) if own else rate_from_log(run.log), how=header_of(run.log)))
+                shutil.rmtree(output)
+                print(f"round {round_} {name}: peak RSS {run.peak_rss_mib:.0f} MiB (sampled "
+                      f"{run.sampled.peak_rss / 1024:.0f}), {units / run.wall_s:.1f} {unit}/s "
+                      f"({runs[name][-1]['own']:.1f} after imports), {cpu_ms:.1f} CPU ms/{unit[:-1]} "
+                      f"({runs[name][-1]['how']})", flush=True)
+
+    base = median([r["rss"] for r in runs["baseline"]])
+    rows = [["import + load (baseline)", "", f"{base:.0f}", "0", "-", "-", "-"]]
+    for name, (extra, env, what) in configs.items():
+        rss = median([r["rss"] for r in runs[name]])
+        shown = " ".join([*(f"{k}={v}" for k, v in env.items()), *extra]) or "(defaults)"
+        rows.append([f"`{shown}`: {what}", runs[name][0]["how"], f"{rss:.0f}", f"{rss - base:.0f}",
+                     f"{median([r['rate'] for r in runs[name]]):.1f}",
+                     f"{median([r['own'] for r in runs[name]]):.1f}",
+                     f"{median([r['cpu_ms'] for r in runs[name]]):.1f}"])
+    what = f"one {args.strip} frame of NEU images" if args.strip else f"{args.images} NEU images"
+    print(f"\n## Inference memory: python infer.py on {what} (overlays on, unless --no-cam)\n")
+    print("\n".join(f"- {line}" for line in machine))
+    print(f"- load average at the end: {load_average()}; median of {args.rounds} round(s); peak RSS = the child's "
+          f"ru_maxrss; {unit}/s = N / wall of the whole process; CPU ms = the child's user + system CPU time / N"
+          + (f"; every run also with: {' '.join(args.script_args)}" if args.script_args else "") + "\n")
+    print(markdown_table(["configuration", "streams, batch", "peak RSS MiB", "above baseline MiB", f"{unit}/s",
+                          f"{unit}/s after imports", f"CPU ms/{unit[:-1]}"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""--max-memory: parsing, the batch size and stream count it picks, and the run header that reports them."""
+from __future__ import annotations
+
+import csv
+import os
+import re
+
+import pytest
+
+import infer
+from conftest import run_script, save_image
+from scratch_detector.memory import fit_memory, memory_estimate, parse_memory
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "2"}  # two threads: the local engine's choice of two streams applies
+
+
+@pytest.mark.parametrize("text, mib", [("1.5G", 1536), ("1500M", 1500), ("1500MiB", 1500), ("2GB", 2048),
+                                       ("1500", 1500), ("0.5t", 512 * 1024), ("auto", None), ("AUTO", None)])
+def test_parse_memory(text, mib):
+    assert parse_memory(text) == mib
+
+
+@pytest.mark.parametrize("text", ["", "lots", "1.5X", "-1G", "512k", "1 G B"])
+def test_bad_memory_size_is_a_usage_error(text, capsys):
+    with pytest.raises(SystemExit):
+        infer.parse_args(["--max-memory", text])
+    assert "--max-memory" in capsys.readouterr().err
+
+
+def test_defaults_leave_batch_and_streams_to_the_fit():
+    args = infer.parse_args([])
+    assert (args.batch_size, args.streams, args.max_memory) == (0, 0, None)
+    assert infer.parse_args(["--max-memory", "1.5G"]).max_memory == 1536
+
+
+def fit(budget, batch=0, streams=0, layer="features.2", device="cpu", available=None):
+    return fit_memory(budget, batch, streams, 200, layer, device, 2, base_mib=700, available_mib=available)
+
+
+def test_a_smaller_budget_gets_less_work_in_flight():
+    chosen = [fit(budget) for budget in (100_000, 1000, 900)]
+    in_flight = [c.streams * c.batch_size for c in chosen]
+    assert in_flight == sorted(in_flight, reverse=True) and in_flight[0] == 8 and in_flight[-1] < 4
+    assert all(c.estimate_mib <= c.budget_mib for c in chosen)
+    assert (chosen[0].streams, chosen[0].batch_size) == (2, 4)  # more memory does not make batches larger
+    assert chosen[0].estimate_mib == memory_estimate(700, 2, 4, 200, "features.2")
+
+
+def test_what_the_user_gave_is_kept():
+    assert fit(1000, batch=16).batch_size == 16
+    assert fit(1000, streams=2).streams == 2
+    assert (fit(100_000, batch=4, streams=1).batch_size, fit(100_000, batch=4, streams=1).streams) == (4, 1)
+
+
+def test_too_small_a_budget_takes_the_smallest_and_says_so():
+    chosen = fit(10)
+    assert (chosen.streams, chosen.batch_size) == (1, 1)
+    assert "does not fit" in chosen.describe()
+
+
+def test_auto_budget_is_a_share_of_available_memory_and_gpus_are_not_fitted():
+    small, large = fit(None, available=1200), fit(None, available=100_000)
+    assert small.streams * small.batch_size < large.streams * large.batch_size == 8
+    assert "auto" in small.describe()
+    gpu = fit(10, device="cuda")
+    assert (gpu.streams, gpu.batch_size, gpu.budget_mib) == (1, 16, None)
+
+
+def test_cheaper_explanations_fit_more():
+    assert memory_estimate(700, 2, 16, 200, None) < memory_estimate(700, 2, 16, 200, "features.8") \
+        < memory_estimate(700, 2, 16, 200, "features.1")
+    assert memory_estimate(700, 2, 16, 100, "features.2") < memory_estimate(700, 2, 16, 200, "features.2")
+
+
+def test_header_shows_the_chosen_batch_and_streams(tmp_path, tiny_checkpoint):
+    images = tmp_path / "in"
+    for i in range(5):
+        save_image(images / f"img_{i}.png", "scratch" if i % 2 else "plain", seed=i)
+    tight = run_script("infer.py", "--model", tiny_checkpoint, "--input", images, "--output", tmp_path / "tight",
+                       "--max-memory", "1M", cwd=tmp_path, env=ENV, timeout=300)
+    assert tight.returncode == 0, tight.stderr
+    assert re.search(r"1 model stream x 2 thread\(s\), batch 1\b", tight.stdout), tight.stdout
+    assert "memory budget 1 MiB (--max-memory)" in tight.stdout and "does not fit" in tight.stdout
+    roomy = run_script("infer.py", "--model", tiny_checkpoint, "--input", images, "--output", tmp_path / "roomy",
+                       "--max-memory", "100G", "--batch-size", "16", cwd=tmp_path, env=ENV, timeout=300)
+    assert roomy.returncode == 0, roomy.stderr
+    assert re.search(r"2 model streams x 1 thread\(s\), batch 16\b", roomy.stdout), roomy.stdout
+    assert "memory budget 102400 MiB (--max-memory)" in roomy.stdout
+    rows = {}
+    for name in ("tight", "roomy"):
+        with open(tmp_path / name / "predictions.csv", newline="") as handle:
+            rows[name] = list(csv.DictReader(handle))
+    assert [r["image"] for r in rows["tight"]] == [r["image"] for r in rows["roomy"]] and len(rows["tight"]) == 5
+    for a, b in zip(rows["tight"], rows["roomy"]):  # the batch size changes nothing but the float rounding
+        assert float(a["defect_probability"]) == pytest.approx(float(b["defect_probability"]), abs=1e-4)
