@@ -256,10 +256,10 @@ def gather_splits(args, init_meta: dict | None, reports: Path) -> dict:
               f"relative to {data_dir}")
     else:
         samples, layout = dataset.find_samples(data_dir)
-    if init_meta is not None and not args.labels:  # the starting model's own split: its test images stay unseen
-        record = dataset.split_record(init_meta)
-        split_seed, max_per_class = int(record["seed"]), int(record.get("max_per_class", 0))
-        splits = dataset.recorded_splits(samples, record)
+    neu_split = None if init_meta is None else dataset.split_record(init_meta)
+    if neu_split is not None and not args.labels:  # the starting model's own split: its test images stay unseen
+        split_seed, max_per_class = int(neu_split["seed"]), int(neu_split.get("max_per_class", 0))
+        splits = dataset.recorded_splits(samples, neu_split)
     else:
         split_seed, max_per_class = args.seed, args.max_per_class
         splits = dataset.split_samples(dataset.first_per_class(samples, max_per_class), split_seed)
@@ -268,7 +268,6 @@ def gather_splits(args, init_meta: dict | None, reports: Path) -> dict:
     own_train = len(splits["train"])
     if not splits["train"] or not splits["val"]:
         raise UserError("too few images for a train/val split; use more data or a larger --max-per-class")
-    neu_split = None if init_meta is None else dataset.split_record(init_meta)
     replay = None
     if args.replay:
         n_train, n_val = finetune.replay_counts(len(splits["train"]), len(splits["val"]))

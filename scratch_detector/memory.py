@@ -22,6 +22,12 @@ CPU_BATCH_SIZES = (4, 2, 1)       # tried largest first
 GPU_BATCH_SIZE = 16
 
 
+def default_streams(device_type: str, threads: int) -> int:
+    """Model streams when none is asked for: two on a CPU with two or more threads, else one
+    (engines/local.py's ModelStreams says why)."""
+    return 2 if device_type == "cpu" and threads >= 2 else 1
+
+
 def parse_memory(text: str) -> int | None:
     """'1.5G', '1500M', '1500MiB', '2GB' (binary units) -> MiB; 'auto' -> None. ValueError otherwise."""
     if text.strip().lower() == "auto":
@@ -37,7 +43,8 @@ def parse_memory(text: str) -> int | None:
 
 
 def meminfo_mib(field_name: str, path: str = "/proc/meminfo") -> int | None:
-    """A /proc/meminfo field (MemAvailable, MemTotal) in MiB; None where there is no such file (not Linux)."""
+    """A field of a /proc file in kB (/proc/meminfo's MemAvailable, /proc/self/status's VmHWM) in MiB; None where
+    there is no such file (not Linux)."""
     try:
         with open(path) as handle:
             for line in handle:
@@ -86,21 +93,21 @@ def fit_memory(max_memory: int | None, batch_size: int, streams: int, image_size
     MEMORY_SHARE of the available memory. A batch size or stream count the user gave (non-zero) is kept;
     the rest is chosen, never above CPU_BATCH_SIZES[0] (more memory would not buy speed). When nothing fits,
     the smallest is taken. A GPU's memory is not estimated: one stream of GPU_BATCH_SIZE."""
-    default_streams = 2 if device_type == "cpu" and threads >= 2 else 1
+    default = default_streams(device_type, threads)
     if device_type != "cpu":
-        return MemoryFit(streams or default_streams, batch_size or GPU_BATCH_SIZE, 0, None,
+        return MemoryFit(streams or default, batch_size or GPU_BATCH_SIZE, 0, None,
                          f"not fitted on {device_type}")
     base = resident_mib() if base_mib is None else base_mib
     note = "--max-memory"
     if max_memory is None:
         available = meminfo_mib("MemAvailable") if available_mib is None else available_mib
         if available is None:
-            return MemoryFit(streams or default_streams, batch_size or CPU_BATCH_SIZES[0], 0, None,
+            return MemoryFit(streams or default, batch_size or CPU_BATCH_SIZES[0], 0, None,
                              "not fitted: available memory unknown")
         # the process already holds `base`: it counts as part of what was available
         max_memory = int(MEMORY_SHARE * (available + base))
         note = f"auto: {MEMORY_SHARE:.0%} of {available + base} MiB available"
-    stream_choices = [streams] if streams else list(range(default_streams, 0, -1))
+    stream_choices = [streams] if streams else list(range(default, 0, -1))
     batch_choices = [batch_size] if batch_size else list(CPU_BATCH_SIZES)
     # most images in flight first; at equal counts more streams (they run faster on a small CPU)
     candidates = sorted(((s, b) for s in stream_choices for b in batch_choices),

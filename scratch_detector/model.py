@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from dataset import BINARY_CLASSES, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, normalize
+from dataset import BINARY_CLASSES, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, file_digest, normalize
 from . import familiarity
 from .calibration import apply_temperature
 from .runtime import UserError, atomic_write
@@ -148,11 +148,10 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, str, dict]:
     """A trainable B0 holding a trained checkpoint's weights (train.py --init) -> (model, initialisation
     text, the checkpoint's metadata). The text names the file, its SHA-256 and what that model started from,
     so a fine-tuned checkpoint says where it came from."""
-    import hashlib
     trained, meta = load_checkpoint(path, calibrated=False)  # every check of a checkpoint, once
     model = _two_way_head(_efficientnet_b0())
     model.load_state_dict(trained.state_dict())
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = file_digest(Path(path))
     meta["sha256"] = digest
     return model, f"fine-tuned from {Path(path).name} (sha256 {digest[:12]}), which started from " \
                   f"{meta.get('pretrained') or 'unknown'}", meta

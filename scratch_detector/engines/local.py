@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..memory import default_streams
 from ..pipeline import Aggregator, BatchPredictor, Decoded, decode_units, error_item, finish_item
 from ..runtime import interrupts_deferred
 from ..settings import Plan, RunSettings
@@ -115,7 +116,7 @@ class ModelStreams:
     def __init__(self, model, normalization: str, cam_method: str | None, cam_layer: str, requested: int,
                  device: torch.device, familiarity_stats: dict | None = None):
         self.threads_before = torch.get_num_threads()
-        self.count = requested or (2 if device.type == "cpu" and self.threads_before >= 2 else 1)
+        self.count = requested or default_streams(device.type, self.threads_before)
         self.threads_each = max(1, self.threads_before // self.count)
         self.idle: queue.SimpleQueue = queue.SimpleQueue()
         for copy_ in [model] + [copy.deepcopy(model) for _ in range(self.count - 1)]:
