@@ -123,10 +123,98 @@ NON_STEEL = {
 }
 
 
-def write_non_steel(folder: Path) -> list[tuple[str, str, Path]]:
-    """Each NON_STEEL image as a PNG in `folder` -> (name, source, path)."""
+def _skimage_file(file: str):
+    def load():
+        import skimage
+        return np.asarray(Image.open(Path(skimage.__file__).parent / "data" / file).convert("RGB"))
+    return f"scikit-image skimage/data/{file} (shipped in the wheel)", load
+
+
+def _face(index: int):
+    def load():
+        import skimage.data
+        patch = (skimage.data.lfw_subset()[index] * 255).astype(np.uint8)
+        return np.asarray(Image.fromarray(patch).resize((200, 200), Image.BICUBIC))
+    what = "a face" if index < 100 else "a patch of a photo without a face"
+    return f"scikit-image lfw_subset()[{index}] ({what}, 25 x 25, shipped in the wheel), resized to 200 x 200", load
+
+
+def _scaled(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, np.float64)
+    return ((values - values.min()) / max(np.ptp(values), 1e-9) * 255).astype(np.uint8)
+
+
+def _matplotlib_array(file: str, what: str, read):
+    def load():
+        import matplotlib
+        return _scaled(read(Path(matplotlib.get_data_path()) / "sample_data" / file))
+    return f"matplotlib mpl-data/sample_data/{file}: {what}, scaled to 0-255", load
+
+
+def _mri(path: Path) -> np.ndarray:
+    import gzip
+    return np.frombuffer(gzip.open(path).read(), np.uint16).reshape(256, 256)
+
+
+def _grating(period: float, angle: float) -> np.ndarray:
+    y, x = np.mgrid[:200, :200]
+    phase = (x * np.cos(angle) + y * np.sin(angle)) * 2 * np.pi / period
+    return ((np.sin(phase) + 1) * 127.5).astype(np.uint8)
+
+
+def _blurred_noise(rng, sigma: float) -> np.ndarray:
+    import cv2
+    return _scaled(cv2.GaussianBlur(rng.normal(0, 1, (200, 200)), (0, 0), sigma))
+
+
+def _line_sketch(rng) -> np.ndarray:
+    image = Image.new("L", (200, 200), 235)
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        draw.line([tuple(rng.integers(0, 200, 2)), tuple(rng.integers(0, 200, 2))], fill=20, width=2)
+    return np.asarray(image)
+
+
+def _plot(rng) -> np.ndarray:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure = plt.figure(figsize=(2, 2), dpi=100)
+    plt.plot(np.cumsum(rng.normal(size=200)))
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image
+
+
+# Assembled after the score above was chosen, and before anything was scored on it: none of these images guided
+# a choice (not the layer, not the pixel statistics), so its figure is a held-out one.
+NON_STEEL_HELD_OUT = {
+    "motorcycle_left": _skimage_file("motorcycle_left.png"),
+    "motorcycle_right": _skimage_file("motorcycle_right.png"),
+    **{f"lfw_{i}": _face(i) for i in (0, 50, 100, 150)},
+    "mri_slice": _matplotlib_array("s1045.ima.gz", "an MRI slice (256 x 256, 16 bit)", _mri),
+    "elevation_map": _matplotlib_array("jacksboro_fault_dem.npz", "a digital elevation model",
+                                       lambda path: np.load(path)["elevation"]),
+    "topography": _matplotlib_array("topobathy.npz", "topography and bathymetry", lambda path: np.load(path)["topo"]),
+    "bivariate_normal": _matplotlib_array("axes_grid/bivariate_normal.npy", "a smooth 2-D field", np.load),
+    "grating_fine": _synthetic("sine grating, period 8 px, horizontal", lambda rng: _grating(8, 0)),
+    "grating_coarse": _synthetic("sine grating, period 30 px, diagonal", lambda rng: _grating(30, np.pi / 4)),
+    "blurred_noise_2": _synthetic("Gaussian noise blurred with sigma 2 px, stretched", lambda rng: _blurred_noise(rng, 2)),
+    "blurred_noise_8": _synthetic("Gaussian noise blurred with sigma 8 px, stretched", lambda rng: _blurred_noise(rng, 8)),
+    "salt_and_pepper": _synthetic("grey 128 with 5 % black and white pixels", lambda rng: np.where(
+        rng.random((200, 200)) < 0.05, rng.choice(np.array([0, 255], np.uint8), (200, 200)), np.uint8(128))),
+    "binary_blobs": _synthetic("skimage.data.binary_blobs(200), seed 0", lambda rng: __import__(
+        "skimage.data", fromlist=["binary_blobs"]).binary_blobs(200, rng=0).astype(np.uint8) * 255),
+    "line_sketch": _synthetic("six dark straight lines, 2 px wide, on light grey (PIL)", _line_sketch),
+    "line_plot": _synthetic("a matplotlib line plot of a random walk, 200 x 200", _plot),
+}
+
+
+def write_non_steel(folder: Path, images: dict = NON_STEEL) -> list[tuple[str, str, Path]]:
+    """Each image of `images` (NON_STEEL, NON_STEEL_HELD_OUT) as a PNG in `folder` -> (name, source, path)."""
     made = []
-    for name, (source, load) in NON_STEEL.items():
+    for name, (source, load) in images.items():
         array = np.asarray(load())
         if array.dtype != np.uint8:  # e.g. the float phantom
             array = (np.clip(array, 0, 1) * 255).astype(np.uint8) if array.max() <= 1 else array.astype(np.uint8)
@@ -140,30 +228,36 @@ def write_non_steel(folder: Path) -> list[tuple[str, str, Path]]:
 # Scores
 # ---------------------------------------------------------------------------------------------------------
 POOLED = "avgpool"  # the 1280-d vector the head reads: the candidate the issue proposed
-CANDIDATES = ("shipped", "pooled_1280", "energy", "max_softmax")
+CANDIDATES = ("shipped", "features_only", "pooled_1280", "energy", "max_softmax")
+LABELS = {"shipped": "shipped: Mahalanobis {layer} + pixel statistics, camera-changed copies",
+          "features_only": "Mahalanobis {layer} alone (no pixel statistics), camera-changed copies",
+          "pooled_1280": "Mahalanobis, pooled 1280-d, clean images"}
 
 
 def pooled_features(model, meta: dict, pixels: torch.Tensor, device) -> torch.Tensor:
     return predict_logits(model, pixels, meta["normalization"], 64, device, POOLED)[1]
 
 
-def unit_scores(model, meta: dict, stats: dict, pooled: dict, pixels: torch.Tensor, device) -> dict:
-    """Per image: each candidate score (larger = less familiar) and the calibrated p(defect)."""
+def unit_scores(model, meta: dict, stats: dict, fitted: dict, pixels: torch.Tensor, device) -> dict:
+    """Per image: each candidate score (larger = less familiar) and the calibrated p(defect). fitted: the
+    statistics of the candidates fitted here ("features_only", "pooled_1280")."""
     logits, early = predict_logits(model, pixels, meta["normalization"], 64, device, stats["layer"])
     raw = logits * meta["temperature"]
-    return {"shipped": familiarity.score(early, stats).numpy(),
+    pooled = fitted["pooled_1280"]
+    return {"shipped": familiarity.unfamiliarity(early, pixels, stats).numpy(),
+            "features_only": familiarity.score(early, fitted["features_only"]).numpy(),
             "pooled_1280": familiarity.score(pooled_features(model, meta, pixels, device), pooled).numpy(),
             "energy": (-torch.logsumexp(raw, 1)).numpy(),
             "max_softmax": (1 - logits.softmax(1).max(1).values).numpy(),
             "p": logits.softmax(1)[:, 1].numpy(), "logits": logits}
 
 
-def file_scores(model, meta: dict, stats: dict, pooled: dict, path: Path, device) -> dict:
+def file_scores(model, meta: dict, stats: dict, fitted: dict, path: Path, device) -> dict:
     """A file as infer.py sees it (decode_units: tiled when larger than a NEU image) -> median score per candidate."""
     units = list(decode_units(path, path.name, Plan(int(meta["image_size"]), with_display=False)))
     if units[0].error:
         raise RuntimeError(f"{path}: {units[0].error}")
-    scores = unit_scores(model, meta, stats, pooled, torch.from_numpy(np.stack([u.pixels for u in units])), device)
+    scores = unit_scores(model, meta, stats, fitted, torch.from_numpy(np.stack([u.pixels for u in units])), device)
     return {name: familiarity.frame_score(scores[name]) for name in CANDIDATES} | {"tiles": len(units),
                                                                                   "p": float(scores["p"].max())}
 
@@ -174,6 +268,10 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", help="also write every figure to this JSON file")
+    p.add_argument("--refit", action="store_true",
+                   help="fit the familiarity statistics, temperature and threshold here with the current code, as "
+                        "train.py would, instead of using the checkpoint's (to measure a change to them before "
+                        "retraining)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.model, device)
@@ -184,43 +282,57 @@ def main(argv=None) -> int:
     labels = {name: dataset.labels_of(items) for name, items in split.items()}
 
     stats, notes = meta.get("familiarity"), []
+    def features_of(pixels_):
+        return predict_logits(model, pixels_, meta["normalization"], 64, device, familiarity.LAYER)[1]
+    train_classes, seed = [s.neu_class for s in split["train"]], int(meta.get("seed") or 0)
     if stats is None:  # an older checkpoint: fit what train.py now fits, from its own splits, as train.py does
-        fitted = fit_after_training(model, pixels["train"], [s.neu_class for s in split["train"]], pixels["val"],
-                                    labels["val"], meta["normalization"], 64, device, int(meta.get("seed") or 0))
+        fitted = fit_after_training(model, pixels["train"], train_classes, pixels["val"], labels["val"],
+                                    meta["normalization"], 64, device, seed)
         apply_temperature(model, fitted["temperature"])
         meta.update(temperature=fitted["temperature"], threshold=fitted["threshold"])
         stats = fitted["familiarity"]
         notes.append("this checkpoint has no familiarity statistics or temperature: they and the threshold on the "
                      "calibrated p are fitted here from its own training and validation splits, as train.py fits "
                      "them")
-    pooled = familiarity.fit(pooled_features(model, meta, pixels["train"], device),
-                             [s.neu_class for s in split["train"]], pooled_features(model, meta, pixels["val"], device),
-                             layer=POOLED)
-    scores = {name: unit_scores(model, meta, stats, pooled, pixels[name], device) for name in ("val", "test")}
+    elif args.refit:
+        stats = familiarity.fit_model(features_of, pixels["train"], train_classes, pixels["val"], seed)
+        notes.append("--refit: the familiarity statistics are fitted here with the current code, from the "
+                     "checkpoint's own training and validation splits, as train.py fits them")
+    fitted = {"pooled_1280": familiarity.fit(pooled_features(model, meta, pixels["train"], device),
+                                             [s.neu_class for s in split["train"]],
+                                             pooled_features(model, meta, pixels["val"], device), layer=POOLED),
+              "features_only": familiarity.fit_model(features_of, pixels["train"], train_classes, pixels["val"], seed,
+                                                     with_pixels=False)}
+    scores = {name: unit_scores(model, meta, stats, fitted, pixels[name], device) for name in ("val", "test")}
     cutoffs = {c: float(np.quantile(scores["val"][c], stats["quantile"])) for c in CANDIDATES}
-    cutoffs.update(shipped=float(stats["cutoff"]), pooled_1280=float(pooled["cutoff"]))
+    cutoffs.update(shipped=float(stats["cutoff"]), pooled_1280=float(fitted["pooled_1280"]["cutoff"]),
+                   features_only=float(fitted["features_only"]["cutoff"]))
 
+    sets = {"non_steel": NON_STEEL, "held_out": NON_STEEL_HELD_OUT}
     with tempfile.TemporaryDirectory() as tmp:
-        non_steel = [(name, source, file_scores(model, meta, stats, pooled, path, device))
-                     for name, source, path in write_non_steel(Path(tmp))]
+        others = {which: [(name, source, file_scores(model, meta, stats, fitted, path, device))
+                          for name, source, path in write_non_steel(Path(tmp), images)]
+                  for which, images in sets.items()}
 
     figures = {"model": args.model, "notes": notes, "cutoffs": cutoffs, "candidates": {}}
     for c in CANDIDATES:
         test = scores["test"][c]
-        other = np.array([s[c] for _, _, s in non_steel])
-        auroc = roc_auc(np.concatenate([test, other]), np.r_[np.zeros(len(test)), np.ones(len(other))])
-        figures["candidates"][c] = {"test_flagged": int((test > cutoffs[c]).sum()), "n_test": len(test),
-                                    "non_steel_flagged": int((other > cutoffs[c]).sum()), "n_non_steel": len(other),
-                                    "auroc": auroc}
-    figures["non_steel"] = [{"name": name, "source": source, **{k: (float(v) if k != "tiles" else v)
-                                                                 for k, v in s.items()},
-                             "flagged": bool(s["shipped"] > cutoffs["shipped"])}
-                            for name, source, s in non_steel]
+        figures["candidates"][c] = {"test_flagged": int((test > cutoffs[c]).sum()), "n_test": len(test)}
+        for which, scored in others.items():
+            other = np.array([s[c] for _, _, s in scored])
+            figures["candidates"][c].update({
+                f"{which}_flagged": int((other > cutoffs[c]).sum()), f"n_{which}": len(other),
+                f"{which}_auroc": roc_auc(np.concatenate([test, other]), np.r_[np.zeros(len(test)), np.ones(len(other))])})
+    for which, scored in others.items():
+        figures[which] = [{"name": name, "source": source, **{k: (float(v) if k != "tiles" else v)
+                                                               for k, v in s.items()},
+                           "flagged": bool(s["shipped"] > cutoffs["shipped"])}
+                          for name, source, s in scored]
 
     originals = decode_originals(split["test"])
     rows = []
     for name, change in {**PERTURBATIONS, **OTHER_VALUES}.items():
-        changed = unit_scores(model, meta, stats, pooled, perturbed_pixels(originals, change, int(meta["image_size"])), device)
+        changed = unit_scores(model, meta, stats, fitted, perturbed_pixels(originals, change, int(meta["image_size"])), device)
         m = binary_metrics(changed["p"], labels["test"], float(meta["threshold"]))
         flagged = changed["shipped"] > cutoffs["shipped"]
         rows.append({"perturbation": name, "asked": name in PERTURBATIONS, "flagged": int(flagged.sum()),
@@ -236,18 +348,26 @@ def main(argv=None) -> int:
     print(f"- model {args.model}: threshold {float(meta['threshold']):.4f}, temperature {T:.3f}, seed {meta.get('seed')}")
     for note in notes:
         print(f"- NOTE: {note}")
-    print(f"- familiarity cut-off: validation quantile {stats['quantile']}; non-steel set: {len(non_steel)} images\n")
-    print(markdown_table(["score", "cut-off", "NEU test flagged", "non-steel flagged", "AUROC test vs non-steel"],
-                         [[{"shipped": f"shipped: Mahalanobis {stats['layer']}, camera-changed copies",
-                            "pooled_1280": "Mahalanobis, pooled 1280-d, clean images"}.get(c, c), f"{cutoffs[c]:.3f}",
-                           f"{f['test_flagged']} / {f['n_test']} ({f['test_flagged'] / f['n_test']:.1%})",
-                           f"{f['non_steel_flagged']} / {f['n_non_steel']} "
-                           f"({f['non_steel_flagged'] / f['n_non_steel']:.1%})", f"{f['auroc']:.4f}"]
+    print(f"- familiarity cut-off: validation quantile {stats['quantile']}; non-steel set: {len(others['non_steel'])} "
+          f"images; held-out non-steel set: {len(others['held_out'])} images\n")
+
+    def share(flagged, n):
+        return f"{flagged} / {n} ({flagged / n:.1%})"
+    print(markdown_table(["score", "cut-off", "NEU test flagged", "non-steel flagged", "AUROC test vs non-steel",
+                          "held-out non-steel flagged", "AUROC test vs held-out"],
+                         [[LABELS.get(c, c).format(layer=stats["layer"]), f"{cutoffs[c]:.3f}",
+                           share(f["test_flagged"], f["n_test"]), share(f["non_steel_flagged"], f["n_non_steel"]),
+                           f"{f['non_steel_auroc']:.4f}", share(f["held_out_flagged"], f["n_held_out"]),
+                           f"{f['held_out_auroc']:.4f}"]
                           for c, f in figures["candidates"].items()]))
-    print()
-    print(markdown_table(["non-steel image", "source", "tiles", "score", "flagged", "p(defect)"],
-                         [[r["name"], r["source"], r["tiles"], f"{r['shipped']:.1f}", "yes" if r["flagged"] else
-                           "**no**", f"{r['p']:.3f}"] for r in figures["non_steel"]]))
+    for which in sets:
+        print()
+        print(markdown_table([f"{'held-out ' if which == 'held_out' else ''}non-steel image", "source", "tiles",
+                              "score", "flagged", "features alone", "p(defect)"],
+                             [[r["name"], r["source"], r["tiles"], f"{r['shipped']:.1f}",
+                               "yes" if r["flagged"] else "**no**",
+                               "yes" if r["features_only"] > cutoffs["features_only"] else "no", f"{r['p']:.3f}"]
+                              for r in figures[which]]))
     print()
     print(markdown_table(["camera change (NEU test)", "flagged unfamiliar", "accuracy", "scratch recall",
                           "wrong verdicts among the flagged"],

@@ -65,7 +65,7 @@ def evaluate(args) -> dict:
     logits, features = predict_logits(model, pixels, meta["normalization"], args.batch_size, device,
                                       None if stats is None else stats["layer"])
     probabilities = logits.softmax(1)[:, 1].numpy()
-    scores = None if stats is None else familiarity.score(features, stats).numpy()
+    scores = None if stats is None else familiarity.unfamiliarity(features, pixels, stats).numpy()
     metrics = binary_metrics(probabilities, labels, threshold)
     predicted = probabilities >= threshold
     metrics["roc_auc"] = roc_auc(probabilities, labels)

@@ -11,8 +11,14 @@ plus COPIES copies under the training's own camera, zoom and symmetry augmentati
 validation split with the same copies: the score that CUTOFF_QUANTILE of them stay under. The measurements and
 the candidates that lost: bench/README.md (`python bench/unfamiliar.py`).
 
+Why pixel statistics beside the features: dataset.normalize standardises each image by its own mean and spread,
+so a flat grey frame, a lens cap and a smooth gradient reach the network looking alike, and alike to steel.
+PIXEL_STATISTICS describe what that removes or blurs: the image's spread (its contrast) and how fast the grey
+level changes between neighbours at two distances relative to that spread (its roughness). They are appended,
+standardised, to the pooled features, and the one distance covers both.
+
 The checkpoint stores the statistics under "familiarity"; an older checkpoint has none and its images are scored
-as unknown (None).
+as unknown (None); one fitted before the pixel statistics has no "pixel_center" and is scored on features alone.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ METHOD = "mahalanobis"
 LAYER = "features.3"
 COPIES = 2
 COPY_AUGMENTATION = ("dihedral", "camera", "zoom")
+PIXEL_STATISTICS = ("log spread", "log roughness at 1 px", "log roughness at 4 px")
+ROUGHNESS_LAGS = (1, 4)
 
 
 class FeatureTap:
@@ -51,6 +59,34 @@ class FeatureTap:
         self.handle.remove()
 
 
+def pixel_statistics(pixels) -> torch.Tensor:
+    """uint8 (N, S, S, 3) pixels -> (N, 3) float: PIXEL_STATISTICS of each image's grey level. Roughness at lag k:
+    the mean absolute difference between pixels k apart (across and down), over the spread; +1 keeps a flat
+    frame finite."""
+    grey = torch.as_tensor(pixels).float().mean(-1)
+    spread = grey.flatten(1).std(1, correction=0)
+    columns = [torch.log1p(spread)]
+    for lag in ROUGHNESS_LAGS:
+        step = ((grey[:, lag:] - grey[:, :-lag]).abs().mean((1, 2))
+                + (grey[:, :, lag:] - grey[:, :, :-lag]).abs().mean((1, 2))) / 2
+        columns.append(torch.log((step + 1) / (spread + 1)))
+    return torch.stack(columns, 1)
+
+
+def describe(features: torch.Tensor, pixels, stats: dict) -> torch.Tensor:
+    """The vector the score measures: the pooled features, and when `stats` has them (a checkpoint fitted since
+    they were added), the standardised pixel statistics of the same images appended."""
+    if stats.get("pixel_center") is None:
+        return features.float()
+    extra = (pixel_statistics(pixels) - stats["pixel_center"]) / stats["pixel_scale"]
+    return torch.cat([features.float(), extra.to(features.device)], 1)
+
+
+def unfamiliarity(features: torch.Tensor, pixels, stats: dict) -> torch.Tensor:
+    """(B, C) pooled features and the (B, S, S, 3) uint8 pixels they came from -> (B,) score (score())."""
+    return score(describe(features, pixels, stats), stats)
+
+
 def ledoit_wolf(centered: np.ndarray) -> tuple[np.ndarray, float]:
     """Ledoit & Wolf (2004) shrinkage of the covariance of `centered` (n, d) toward a scaled identity ->
     (covariance, shrinkage in [0, 1]). With ~1000 images and 1280 features the sample covariance is singular;
@@ -69,10 +105,12 @@ def ledoit_wolf(centered: np.ndarray) -> tuple[np.ndarray, float]:
     return covariance, shrinkage
 
 
-def fit(train_features, train_labels, val_features, quantile: float = CUTOFF_QUANTILE, layer: str = LAYER) -> dict:
+def fit(train_features, train_labels, val_features, quantile: float = CUTOFF_QUANTILE, layer: str = LAYER,
+        pixel_center=None, pixel_scale=None) -> dict:
     """The statistics the checkpoint stores: class means and shared precision from the training features (one
     mean per label), the cut-off from the validation scores. Plain tensors and numbers: a weights_only
-    checkpoint holds them."""
+    checkpoint holds them. With pixel_center/scale, the features already end in the standardised pixel
+    statistics (describe())."""
     features = np.asarray(train_features, np.float64)
     labels = np.asarray(train_labels)
     classes = sorted(set(labels.tolist()))
@@ -82,6 +120,10 @@ def fit(train_features, train_labels, val_features, quantile: float = CUTOFF_QUA
     stats = {"method": METHOD, "layer": layer, "means": torch.tensor(means, dtype=torch.float32),
              "precision": torch.tensor(np.linalg.inv(covariance), dtype=torch.float32),
              "shrinkage": shrinkage, "n_train": int(len(features))}
+    if pixel_center is not None:
+        stats.update(pixel_center=torch.as_tensor(pixel_center, dtype=torch.float32),
+                     pixel_scale=torch.as_tensor(pixel_scale, dtype=torch.float32),
+                     pixel_statistics=list(PIXEL_STATISTICS))
     val_scores = score(torch.as_tensor(np.asarray(val_features), dtype=torch.float32), stats)
     stats.update(cutoff=float(np.quantile(val_scores.numpy(), quantile)), quantile=quantile,
                  n_val=int(len(val_scores)))
@@ -106,14 +148,24 @@ def with_copies(pixels: torch.Tensor, generator: torch.Generator, copies: int = 
 
 
 def fit_model(features_of: Callable[[torch.Tensor], torch.Tensor], train_pixels: torch.Tensor, train_classes,
-              val_pixels: torch.Tensor, seed: int = 0) -> dict:
-    """fit() on the features (features_of: uint8 pixels -> (N, C) features at LAYER) of the training images and
-    their copies (labels: their NEU classes), with the cut-off from the validation images and their copies."""
+              val_pixels: torch.Tensor, seed: int = 0, with_pixels: bool = True) -> dict:
+    """fit() on the features (features_of: uint8 pixels -> (N, C) features at LAYER) and pixel statistics of the
+    training images and their copies (labels: their NEU classes), with the cut-off from the validation images and
+    their copies. The pixel statistics are standardised by the training images' and copies' own; with_pixels=False
+    fits the features alone (the score before pixel statistics, for comparison)."""
     generator = torch.Generator().manual_seed(seed)
-    train = torch.cat([features_of(p) for p in with_copies(train_pixels, generator)])
-    val = torch.cat([features_of(p) for p in with_copies(val_pixels, generator)])
+
+    def described(pixels):
+        copies = list(with_copies(pixels, generator))
+        return torch.cat([features_of(p) for p in copies]), torch.cat([pixel_statistics(p) for p in copies])
+    train, train_pixel_stats = described(train_pixels)
+    val, val_pixel_stats = described(val_pixels)
+    center, scale = train_pixel_stats.mean(0), train_pixel_stats.std(0).clamp(min=1e-6)
     classes = np.tile(np.asarray(train_classes), COPIES + 1)
-    return fit(train.numpy(), classes, val.numpy())
+    if not with_pixels:
+        return fit(train.numpy(), classes, val.numpy())
+    return fit(torch.cat([train, (train_pixel_stats - center) / scale], 1).numpy(), classes,
+               torch.cat([val, (val_pixel_stats - center) / scale], 1).numpy(), pixel_center=center, pixel_scale=scale)
 
 
 def is_familiar(value: float | None, cutoff: float | None) -> bool | None:
@@ -132,8 +184,11 @@ def frame_score(tile_scores) -> float:
 def valid(stats) -> bool:
     """Whether familiarity statistics fit together (load_checkpoint refuses damaged ones)."""
     try:
+        pixels = stats.get("pixel_center")
         return bool(stats["method"] == METHOD and isinstance(stats["layer"], str) and stats["means"].ndim == 2
                     and tuple(stats["precision"].shape) == (stats["means"].shape[1],) * 2
-                    and np.isfinite(float(stats["cutoff"])))
+                    and np.isfinite(float(stats["cutoff"]))
+                    and (pixels is None or tuple(pixels.shape) == tuple(stats["pixel_scale"].shape)
+                         == (len(ROUGHNESS_LAGS) + 1,)))
     except (KeyError, TypeError, AttributeError, ValueError):
         return False

@@ -198,8 +198,9 @@ class BatchPredictor:
 
     def __call__(self, batch: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """-> (p(defect) per unit, heatmaps for class defect (each min-max scaled to [0, 1]) or None,
-        unfamiliarity per unit (familiarity.score, read from the same forward pass) or None)."""
-        images = dataset.normalize(np.stack([unit.pixels for unit in batch]), self.normalization).to(self.device)
+        unfamiliarity per unit (familiarity.unfamiliarity, read from the same forward pass) or None)."""
+        pixels = np.stack([unit.pixels for unit in batch])
+        images = dataset.normalize(pixels, self.normalization).to(self.device)
         if self.cam is None:
             with torch.no_grad():
                 logits = self.model(images)
@@ -207,7 +208,7 @@ class BatchPredictor:
         else:
             heatmaps, logits = self.cam.explain(images, target_class=1)  # where the model sees the defect
             heatmaps = heatmaps.cpu().numpy()
-        scores = None if self.tap is None else familiarity.score(self.tap.take(), self.familiarity).cpu().numpy()
+        scores = None if self.tap is None else familiarity.unfamiliarity(self.tap.take(), pixels, self.familiarity).cpu().numpy()
         return logits.float().softmax(1)[:, 1].cpu().numpy(), heatmaps, scores
 
 

@@ -85,8 +85,44 @@ def test_statistics_from_the_model_flag_a_far_away_input_and_not_a_training_like
     far = torch.from_numpy(far_away_image()[None])
     for pixels, familiar in ((new_steel, True), (far, False)):
         features = predict_logits(model, pixels, "per-image", 8, "cpu", stats["layer"])[1]
-        verdicts = [familiarity.is_familiar(float(v), stats["cutoff"]) for v in familiarity.score(features, stats)]
-        assert verdicts == [familiar] * len(pixels), (familiar, familiarity.score(features, stats), stats["cutoff"])
+        scores = familiarity.unfamiliarity(features, pixels, stats)
+        verdicts = [familiarity.is_familiar(float(v), stats["cutoff"]) for v in scores]
+        assert verdicts == [familiar] * len(pixels), (familiar, scores, stats["cutoff"])
+
+
+def test_pixel_statistics_by_hand():
+    flat = np.full((1, 8, 8, 3), 77, np.uint8)
+    assert familiarity.pixel_statistics(flat).tolist() == [[0.0, 0.0, 0.0]]  # no spread, no steps: log 1
+    y, x = np.mgrid[:8, :8]
+    checks = np.repeat((((x + y) % 2) * 255).astype(np.uint8)[None, ..., None], 3, axis=3)
+    spread = 127.5  # half the pixels 0, half 255; neighbours 1 px apart always differ, 4 px apart never
+    expected = [np.log(1 + spread), np.log(256 / (1 + spread)), np.log(1 / (1 + spread))]
+    assert np.allclose(familiarity.pixel_statistics(checks)[0].numpy(), expected, atol=1e-5)
+
+
+def test_flat_and_smooth_frames_are_flagged_by_the_pixel_statistics(familiar_checkpoint):
+    """Per-image standardisation hides a flat frame's missing texture from the network: the same statistics
+    fitted on the features alone (what an older checkpoint holds, and how it is still scored) call two flat
+    frames familiar; with the pixel statistics all three frames are flagged."""
+    model, meta = load_checkpoint(familiar_checkpoint)
+    stats = meta["familiarity"]
+    assert familiarity.valid(stats) and stats["pixel_statistics"] == list(familiarity.PIXEL_STATISTICS)
+    ramp = np.repeat(np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))[None, ..., None], 3, axis=3)
+    grey, bright = np.full((1, 64, 64, 3), 128, np.uint8), np.full((1, 64, 64, 3), 250, np.uint8)
+    frames = torch.from_numpy(np.concatenate([grey, bright, ramp]))
+
+    def features_of(pixels):
+        return predict_logits(model, pixels, "per-image", 16, "cpu", stats["layer"])[1]
+    scores = familiarity.unfamiliarity(features_of(frames), frames, stats)
+    assert [familiarity.is_familiar(float(v), stats["cutoff"]) for v in scores] == [False] * 3, scores
+
+    older = familiarity.fit_model(features_of, torch.from_numpy(steel_like_batch(range(60))),
+                                  np.tile(["plain", "scratch"], 60), torch.from_numpy(steel_like_batch(range(60, 100))),
+                                  with_pixels=False)
+    assert familiarity.valid(older) and "pixel_center" not in older
+    assert familiarity.describe(features_of(frames), frames, older).shape == features_of(frames).shape
+    flat_scores = familiarity.unfamiliarity(features_of(frames[:2]), frames[:2], older)
+    assert [familiarity.is_familiar(float(v), older["cutoff"]) for v in flat_scores] == [True, True], flat_scores
 
 
 # ---------------------------------------------------------------------------------------------------------
