@@ -39,7 +39,7 @@ from scratch_detector.metrics import binary_metrics, find_annotations
 from scratch_detector.model import (PRETRAINED_CHOICES, build_model, load_checkpoint, model_from_checkpoint,
                                     pick_device, predict_probabilities, save_checkpoint)
 from scratch_detector.posthoc import fit_after_training
-from scratch_detector.runtime import UserError, ensure_writable_dir, run_main, write_csv
+from scratch_detector.runtime import UserError, ensure_writable_dir, release_free_memory, run_main, write_csv
 
 # Defaults: the shipped model_binary.pth is `python train.py` with exactly these.
 DEFAULTS = dict(
@@ -195,6 +195,7 @@ def train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(index)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    release_free_memory()  # the heatmap-loss steps free far more than they keep; without this RSS grows each epoch
     return total_loss / seen, correct / seen
 
 

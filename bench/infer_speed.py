@@ -5,6 +5,11 @@ peer baseline: the per-image loop that pytorch-grad-cam's README shows, on the s
     python bench/infer_speed.py --sizes 40 80 --repeat 1 --model /tmp/bench_model.pth   # quick check
     python bench/infer_speed.py --peer-size 224         # the peer at 224 px (then not the same computation)
     python bench/infer_speed.py --sizes 300 -- --cam gradcam --cam-layer features.8   # the peer's own CAM
+    python bench/infer_speed.py --skip-peer --model-only  # infer.py against its model-only rate
+
+--model-only also times, in each round after infer.py, the model alone (`bench/profile_parts.py --model-only`:
+infer.py's model streams on images decoded in advance, the same streams and batch) on the same N, and reports
+infer.py's whole-process rate as a share of it: how close to the machine's limit the tool runs.
 
 Both sides are whole child processes timed the same way: wall time from start to exit (imports and model
 load included), images/s = N / wall, peak RSS of the child. Arguments after `--` go to infer.py. They alternate (ours, peer, ours, peer ...) so
@@ -97,6 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--peer-size", type=int, default=0,
                    help="run the peer at this image size instead of the checkpoint's (e.g. 224)")
     p.add_argument("--skip-peer", action="store_true", help="time infer.py only")
+    p.add_argument("--model-only", action="store_true", help="also the model-only rate, and infer.py's share of it")
     p.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)  # internal: be the peer process
     p.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--output", type=Path, help=argparse.SUPPRESS)
@@ -163,6 +169,16 @@ def run_peer(model: Path, inputs: Path, n: int, work: Path, tag: str, peer_size:
                 size=int(size), checkpoint_size=int(checkpoint_size))
 
 
+def run_model_only(model: Path, data_dir: Path, n: int, work: Path, tag: str) -> dict:
+    """bench/profile_parts.py --model-only on N images, one timed pass, in its own process."""
+    run = run_child([sys.executable, str(Path(__file__).with_name("profile_parts.py")), "--model-only", "--model",
+                     str(model), "--data-dir", str(data_dir), "--images", str(n), "--rounds", "1"],
+                    work / f"model_only_{tag}.log")
+    check(run, "the model-only rate")
+    found = re.search(r"model only: ([\d.]+) images/s \(\d+ images, (.*), median", run.log.read_text())
+    return dict(rate=float(found[1]), how=found[2])
+
+
 def warm_up(sources: list[Path]) -> None:
     """Untimed: read every NEU file and import the libraries once, so the first timed run does not pay
     for a cold disk cache that the later ones skip."""
@@ -196,7 +212,7 @@ def main(argv=None) -> int:
         for n in args.sizes:
             inputs = work / f"images_{n}"
             build_inputs(sources, n, inputs)
-            results[n] = {"ours": [], "peer": []}
+            results[n] = {"ours": [], "peer": [], "model": []}
             for round_ in range(1, args.repeat + 1):
                 tag = f"{n}_{round_}"
                 ours = run_ours(model, inputs, n, work, tag, args.script_args)
@@ -208,6 +224,10 @@ def main(argv=None) -> int:
                     results[n]["peer"].append(peer)
                     line += (f" | peer ({peer['size']} px) {peer['wall_s']:.1f}s = {peer['rate']:.1f} img/s, "
                              f"peak RSS {peer['rss']:.0f} MiB")
+                if args.model_only:
+                    alone = run_model_only(model, data_dir, n, work, tag)
+                    results[n]["model"].append(alone)
+                    line += f" | model only {alone['rate']:.1f} img/s ({alone['how']})"
                 print(line, flush=True)
             shutil.rmtree(inputs)
 
@@ -241,6 +261,17 @@ def main(argv=None) -> int:
                      f"{median([r['own_rate'] for r in ours]):.1f}",
                      f"{median([r['own_rate'] for r in peer]):.1f}" if peer else "-"])
     print(markdown_table(header, rows))
+    if args.model_only:
+        print(f"\n## infer.py against the model alone ({next(iter(results.values()))['model'][0]['how']})\n")
+        shares = []
+        for n, result in results.items():
+            whole, alone = median([r["rate"] for r in result["ours"]]), median([r["rate"] for r in result["model"]])
+            after = median([r["own_rate"] for r in result["ours"]])
+            shares.append([n, f"{whole:.1f}", f"{after:.1f}", f"{alone:.1f}", f"{whole / alone:.0%}",
+                           f"{after / alone:.0%}"])
+        print(markdown_table(["N images", "infer.py img/s (whole process)", "infer.py img/s after imports",
+                              "model only img/s", "whole process / model only", "after imports / model only"],
+                             shares))
     if len(results) > 1:
         memory = ", ".join(f"N={n}: {max(r['rss'] for r in result['ours']):.0f} MiB" for n, result in results.items())
         print(f"\ninfer.py peak RSS by input size: {memory}")

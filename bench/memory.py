@@ -5,10 +5,17 @@ against the import-and-load baseline (a child that imports what infer.py imports
     python bench/memory.py --images 3000 --rounds 1      # longer: more of a steady state
     python bench/memory.py --only defaults arena2 -- --tile off   # some configurations; args after -- to each
     python bench/memory.py --strip 20000x2000 --rounds 1 # one large frame instead (tiled: rates are tiles/s)
+    python bench/memory.py --images 3000 --only defaults --limit 1500M   # each run under a hard memory limit
 
 Every run is a whole child process: peak RSS is the kernel's high-water mark (wait4 ru_maxrss), images/s is
 N / wall seconds (imports and model load included). Configurations alternate within a round, so a change in
 machine load hits all of them. The N images are NEU images repeated as symlinks in a temp folder.
+
+--limit runs each infer.py inside its own memory cgroup with that hard limit (the kernel reclaims page cache
+and, past the limit, kills the process): cgroup v1's memory.limit_in_bytes, or v2's memory.max. It needs a
+writable cgroup tree (root in a container, as here). `ulimit -v` cannot do it: torch's CUDA build maps more
+address space than 1.5 GB at import, so `import torch` itself fails under it; and `systemd-run --scope` needs
+systemd as PID 1.
 """
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ from pathlib import Path
 from common import (ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, median,
                     parse_with_script_args, run_child)
 from infer_speed import build_inputs, neu_images, rate_from_log, warm_up
+
+sys.path.insert(0, str(ROOT))
+from scratch_detector.memory import parse_memory  # noqa: E402
 
 # name -> (infer.py arguments, extra environment, what it separates)
 CONFIGS = {
@@ -43,6 +53,46 @@ def cpu_seconds_of_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class MemoryLimit:
+    """A fresh memory cgroup with a hard limit; wrap(command) starts a command inside it (the shell joins the
+    group and execs the command, so the command's pid and rusage are the shell's)."""
+
+    def __init__(self, mib: int):
+        v1, v2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
+        if (v1 / "memory.limit_in_bytes").exists():
+            self.group, files = v1 / f"scratch_bench_{os.getpid()}", ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+        elif (v2 / "cgroup.controllers").exists() and "memory" in (v2 / "cgroup.controllers").read_text():
+            self.group, files = v2 / f"scratch_bench_{os.getpid()}", ["memory.max", "memory.swap.max"]
+        else:
+            sys.exit("error: --limit needs a cgroup memory controller under /sys/fs/cgroup")
+        try:
+            self.group.mkdir()
+            for name in files:  # the swap limit (when there is one) must come after the memory limit in v1
+                if (self.group / name).exists():
+                    (self.group / name).write_text(str(mib * 2 ** 20) if "swap" not in name else "0")
+        except OSError as error:
+            sys.exit(f"error: --limit cannot make a memory cgroup ({error}); it needs root or a delegated cgroup")
+        self.mib = mib
+
+    def wrap(self, command: list[str]) -> list[str]:
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.group), *command]
+
+    def report(self) -> str:
+        """The group's peak usage (page cache included) and how often it hit the limit, since the last report."""
+        read = {name: (self.group / name).read_text().strip() for name in
+                ("memory.max_usage_in_bytes", "memory.failcnt", "memory.peak", "memory.events")
+                if (self.group / name).exists()}
+        peak = int(read.get("memory.max_usage_in_bytes") or read.get("memory.peak") or 0) / 2 ** 20
+        hits = read.get("memory.failcnt") or dict(line.split() for line in read.get("memory.events", "").splitlines()).get("max", "?")
+        for name in ("memory.max_usage_in_bytes", "memory.failcnt"):  # v1: reset, so each run reports its own
+            if name in read:
+                (self.group / name).write_text("0")
+        return f"limit {self.mib} MiB: cgroup peak {peak:.0f} MiB (page cache included), limit hit {hits} times"
+
+    def close(self) -> None:
+        self.group.rmdir()
+
+
 BASELINE = ("import sys; sys.path.insert(0, '.'); import infer; "
             "from scratch_detector.model import fold_batchnorm, load_checkpoint; "
             "model, meta = load_checkpoint(sys.argv[1]); fold_batchnorm(model)")
@@ -58,11 +108,18 @@ def parse_args(argv=None):
     p.add_argument("--strip", metavar="WxH", help="one frame this large (NEU images side by side) instead of --images")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="also run the defaults with this in the child's environment (repeatable)")
+    p.add_argument("--limit", metavar="SIZE", help="run each infer.py under this hard memory limit (e.g. 1500M; "
+                                                   "a memory cgroup, see above)")
     args = parse_with_script_args(p, argv, ("--input", "--output", "--model"))
     if args.images < 1 or args.rounds < 1 or any("=" not in e for e in args.env):
         p.error("--images and --rounds must be >= 1; --env NAME=VALUE")
     if args.strip and not re.fullmatch(r"\d+x\d+", args.strip):
         p.error("--strip WIDTHxHEIGHT, e.g. 20000x2000")
+    if args.limit:
+        try:
+            args.limit = parse_memory(args.limit)
+        except ValueError as error:
+            p.error(str(error))
     return args
 
 
@@ -110,6 +167,7 @@ def main(argv=None) -> int:
     warm_up(sources)
     runs: dict[str, list[dict]] = {"baseline": [], **{name: [] for name in configs}}
     unit = "tiles" if args.strip else "images"
+    limit = MemoryLimit(args.limit) if args.limit else None
     with tempfile.TemporaryDirectory(prefix="memory_bench_") as tmp:
         work = Path(tmp)
         inputs = work / "images"
@@ -124,9 +182,12 @@ def main(argv=None) -> int:
             for name, (extra, env, _) in configs.items():
                 output = work / "out"
                 cpu_before = cpu_seconds_of_children()
-                run = run_child([sys.executable, "infer.py", "--input", str(inputs), "--output", str(output),
-                                 "--model", str(model), *extra, *args.script_args],
+                command = [sys.executable, "infer.py", "--input", str(inputs), "--output", str(output),
+                           "--model", str(model), *extra, *args.script_args]
+                run = run_child(limit.wrap(command) if limit else command,
                                 work / f"{name}.log", env={**os.environ, **env}, sample_every=0.25)
+                if limit:
+                    print(f"round {round_} {name}: exit code {run.returncode}; {limit.report()}", flush=True)
                 check(run, f"infer.py ({name})")
                 units = units_of(run.log, args.images)
                 cpu_ms = 1000 * (cpu_seconds_of_children() - cpu_before) / units
@@ -139,6 +200,8 @@ def main(argv=None) -> int:
                       f"({runs[name][-1]['own']:.1f} after imports), {cpu_ms:.1f} CPU ms/{unit[:-1]} "
                       f"({runs[name][-1]['how']})", flush=True)
 
+    if limit:
+        limit.close()
     base = median([r["rss"] for r in runs["baseline"]])
     rows = [["import + load (baseline)", "", f"{base:.0f}", "0", "-", "-", "-"]]
     for name, (extra, env, what) in configs.items():

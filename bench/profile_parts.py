@@ -8,6 +8,12 @@ throughput with one batch at a time on all threads against two batches side by s
 (infer.py's streams); encoding one overlay as PNG (OpenCV's default filters, infer.py's) and as infer.py's
 JPEG; decoding one NEU image; the import time of torch and torchvision, and the time Python's teardown takes
 after them. Median of several repeats; random inputs, the committed model for inference.
+
+    python bench/profile_parts.py --model-only [--images 3000]
+
+prints only the model-only rate: what infer.py's model streams do alone (forward, CAM and familiarity score) on
+NEU images decoded in advance, with the streams and batch size infer.py fits on this machine: the ceiling that
+`python bench/infer_speed.py --model-only` measures infer.py's whole-process rate against.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import dataset  # noqa: E402
 from gradcam import GradCAM  # noqa: E402
 from scratch_detector import explain_loss  # noqa: E402
 from scratch_detector.engines.local import ModelStreams  # noqa: E402
+from scratch_detector.memory import fit_memory  # noqa: E402
 from scratch_detector.model import build_model, fold_batchnorm, load_checkpoint  # noqa: E402
 from scratch_detector.overlay import encode_overlay, render_overlay  # noqa: E402
 from scratch_detector.pipeline import Decoded  # noqa: E402
@@ -99,12 +106,47 @@ def cam_images_per_second(model, streams: int, pixels: np.ndarray, rounds: int =
         runner.close()
 
 
+def model_only_rate(model_path, data_dir, images: int, rounds: int = 3) -> tuple[float, str]:
+    """-> (images/s, how it ran): infer.py's model work alone, through its own ModelStreams with the streams and
+    batch size infer.py fits here (memory.fit_memory): forward, CAM and familiarity score on `images` NEU
+    images decoded in advance (cycled, classes mixed). No start-up, decoding, overlays or writing. Median of
+    `rounds` passes after a warm-up."""
+    model, meta = load_checkpoint(model_path)
+    fold_batchnorm(model)
+    size = int(meta["image_size"])
+    sources = sorted((default_data_dir(data_dir)).rglob("*.jpg"))
+    sources = sources[::7] + [path for i, path in enumerate(sources) if i % 7]  # classes mixed, deterministic
+    units = [Decoded(str(i), dataset.to_model_pixels(dataset.open_image(sources[i % len(sources)], size), size))
+             for i in range(images)]
+    fit = fit_memory(None, 0, 0, size, DEFAULT_CAM_LAYER, "cpu", torch.get_num_threads())
+    batches = [units[i:i + fit.batch_size] for i in range(0, len(units), fit.batch_size)]
+    runner = ModelStreams(model, meta["normalization"], DEFAULT_CAM, DEFAULT_CAM_LAYER, fit.streams,
+                          torch.device("cpu"), meta.get("familiarity"))
+    try:
+        runner.run_batches(iter(batches[:4 * runner.count]), lambda *result: None)  # warm-up
+        rates = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            runner.run_batches(iter(batches), lambda *result: None)
+            rates.append(len(units) / (time.perf_counter() - start))
+        return statistics.median(rates), f"{runner.describe()}, batch {fit.batch_size}"
+    finally:
+        runner.close()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "model_binary.pth"))
     p.add_argument("--data-dir", help="NEU data for the decode timing (default: $NEU_DATA_DIR, else ../shared/neu-det)")
     p.add_argument("--training-only", action="store_true", help="time the training steps only")
+    p.add_argument("--model-only", action="store_true", help="print only the model-only rate (see above)")
+    p.add_argument("--images", type=int, default=300, help="--model-only: images per pass (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="--model-only: timed passes (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.model_only:
+        rate, how = model_only_rate(args.model, args.data_dir, args.images, args.rounds)
+        print(f"model only: {rate:.1f} images/s ({args.images} images, {how}, median of {args.rounds})")
+        return 0
     print("\n".join(machine_lines()))
 
     print("\n## Training step (AdamW), ms per image -> images/s; train.py: 200 px, batch 16, fp32, channels_last")

@@ -59,11 +59,15 @@ class FeatureTap:
         self.handle.remove()
 
 
-def pixel_statistics(pixels) -> torch.Tensor:
+def pixel_statistics(pixels, chunk: int = 64) -> torch.Tensor:
     """uint8 (N, S, S, 3) pixels -> (N, 3) float: PIXEL_STATISTICS of each image's grey level. Roughness at lag k:
     the mean absolute difference between pixels k apart (across and down), over the spread; +1 keeps a flat
-    frame finite."""
-    grey = torch.as_tensor(pixels).float().mean(-1)
+    frame finite. `chunk` images at a time: train.py passes every training image at once, and the float
+    differences of all of them would hold several hundred MB."""
+    pixels = torch.as_tensor(pixels)
+    if len(pixels) > chunk:
+        return torch.cat([pixel_statistics(pixels[i:i + chunk], chunk) for i in range(0, len(pixels), chunk)])
+    grey = pixels.float().mean(-1)
     spread = grey.flatten(1).std(1, correction=0)
     columns = [torch.log1p(spread)]
     for lag in ROUGHNESS_LAGS:

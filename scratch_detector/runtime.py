@@ -3,6 +3,7 @@ Standard library only: the core modules (dataset.py) import it too."""
 from __future__ import annotations
 
 import csv
+import ctypes
 import os
 import signal
 import sys
@@ -37,6 +38,17 @@ def run_main(main, skip_teardown: bool = False) -> None:
         sys.stderr.flush()
         os._exit(code or 0)
     sys.exit(code or 0)
+
+
+def release_free_memory() -> bool:
+    """Give the memory that malloc holds but no longer uses back to the system (glibc's malloc_trim): a training
+    step with the heatmap loss allocates and frees far more than a plain one, and glibc would otherwise keep
+    the freed pages resident, so that the process grows epoch after epoch. train.py calls it once an epoch:
+    after every heatmap-loss step it cost time (the pages are faulted in again). False where there is no glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def exit_on_sigterm() -> None:

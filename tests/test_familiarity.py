@@ -98,6 +98,8 @@ def test_pixel_statistics_by_hand():
     spread = 127.5  # half the pixels 0, half 255; neighbours 1 px apart always differ, 4 px apart never
     expected = [np.log(1 + spread), np.log(256 / (1 + spread)), np.log(1 / (1 + spread))]
     assert np.allclose(familiarity.pixel_statistics(checks)[0].numpy(), expected, atol=1e-5)
+    batch = torch.from_numpy(steel_like_batch(range(3)))  # 6 images, in chunks of 4 and 2: the same rows
+    assert torch.equal(familiarity.pixel_statistics(batch, chunk=4), familiarity.pixel_statistics(batch))
 
 
 def test_flat_and_smooth_frames_are_flagged_by_the_pixel_statistics(familiar_checkpoint):

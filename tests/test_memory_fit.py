@@ -1,15 +1,19 @@
-"""--max-memory: parsing, the batch size and stream count it picks, and the run header that reports them."""
+"""--max-memory: parsing, the batch size and stream count it picks, and the run header that reports them; and
+training's release of freed memory."""
 from __future__ import annotations
 
 import csv
+import ctypes
 import os
 import re
+import sys
 
 import pytest
 
 import infer
 from conftest import run_script, save_image
-from scratch_detector.memory import fit_memory, memory_estimate, parse_memory
+from scratch_detector.memory import fit_memory, meminfo_mib, memory_estimate, parse_memory
+from scratch_detector.runtime import release_free_memory
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}  # two threads: the local engine's choice of two streams applies
 
@@ -93,3 +97,21 @@ def test_header_shows_the_chosen_batch_and_streams(tmp_path, tiny_checkpoint):
     assert [r["image"] for r in rows["tight"]] == [r["image"] for r in rows["roomy"]] and len(rows["tight"]) == 5
     for a, b in zip(rows["tight"], rows["roomy"]):  # the batch size changes nothing but the float rounding
         assert float(a["defect_probability"]) == pytest.approx(float(b["defect_probability"]), abs=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc are Linux's")
+def test_release_free_memory_gives_freed_heap_pages_back():
+    """train.py calls it after each epoch: blocks freed below the top of glibc's heap stay resident until
+    malloc_trim returns them."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(64 * 1024) for _ in range(3000)]  # 190 MiB in blocks under the mmap threshold
+    for block in blocks:
+        ctypes.memset(block, 1, 64 * 1024)
+    for block in blocks[:-1]:  # the last one stays: the heap cannot simply shrink from its top
+        libc.free(block)
+    still_resident = meminfo_mib("VmRSS", "/proc/self/status")
+    assert release_free_memory()
+    assert meminfo_mib("VmRSS", "/proc/self/status") < still_resident - 100
+    libc.free(blocks[-1])
