@@ -161,13 +161,14 @@ def fit_model(features_of: Callable[[torch.Tensor], torch.Tensor], train_pixels:
 
     def described(pixels):
         copies = list(with_copies(pixels, generator))
-        return torch.cat([features_of(p) for p in copies]), torch.cat([pixel_statistics(p) for p in copies])
+        return (torch.cat([features_of(p) for p in copies]),
+                torch.cat([pixel_statistics(p) for p in copies]) if with_pixels else None)
     train, train_pixel_stats = described(train_pixels)
     val, val_pixel_stats = described(val_pixels)
-    center, scale = train_pixel_stats.mean(0), train_pixel_stats.std(0).clamp(min=1e-6)
     classes = np.tile(np.asarray(train_classes), COPIES + 1)
     if not with_pixels:
         return fit(train.numpy(), classes, val.numpy())
+    center, scale = train_pixel_stats.mean(0), train_pixel_stats.std(0).clamp(min=1e-6)
     return fit(torch.cat([train, (train_pixel_stats - center) / scale], 1).numpy(), classes,
                torch.cat([val, (val_pixel_stats - center) / scale], 1).numpy(), pixel_center=center, pixel_scale=scale)
 
@@ -193,6 +194,6 @@ def valid(stats) -> bool:
                     and tuple(stats["precision"].shape) == (stats["means"].shape[1],) * 2
                     and np.isfinite(float(stats["cutoff"]))
                     and (pixels is None or tuple(pixels.shape) == tuple(stats["pixel_scale"].shape)
-                         == (len(ROUGHNESS_LAGS) + 1,)))
+                         == (len(PIXEL_STATISTICS),)))
     except (KeyError, TypeError, AttributeError, ValueError):
         return False

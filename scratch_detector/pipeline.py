@@ -208,7 +208,8 @@ class BatchPredictor:
         else:
             heatmaps, logits = self.cam.explain(images, target_class=1)  # where the model sees the defect
             heatmaps = heatmaps.cpu().numpy()
-        scores = None if self.tap is None else familiarity.unfamiliarity(self.tap.take(), pixels, self.familiarity).cpu().numpy()
+        scores = (None if self.tap is None else
+                  familiarity.unfamiliarity(self.tap.take(), pixels, self.familiarity).cpu().numpy())
         return logits.float().softmax(1)[:, 1].cpu().numpy(), heatmaps, scores
 
 
