@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import dataset
 
@@ -55,6 +56,54 @@ def meminfo_mib(field_name: str, path: str = "/proc/meminfo") -> int | None:
     return None
 
 
+UNLIMITED_BYTES = 1 << 60          # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _memory_cgroup_dirs(cgroup_file: str, mountinfo_file: str) -> list[Path]:
+    """The folders of this process's memory cgroup and of its ancestors up to the mount, leaf first (cgroup v1's
+    memory controller, else v2's unified tree); [] where neither is mounted."""
+    try:
+        memberships = [line.rstrip("\n").split(":", 2) for line in open(cgroup_file)]
+        mounts = [line.split() for line in open(mountinfo_file)]
+    except OSError:
+        return []
+    for version, wanted in (("v1", "memory"), ("v2", "")):
+        path = next((p for _, ctrls, p in (m for m in memberships if len(m) == 3)
+                     if (wanted in ctrls.split(",") if version == "v1" else ctrls == "")), None)
+        for fields in mounts:
+            if path is None or "-" not in fields:
+                continue
+            kind, super_options = fields[fields.index("-") + 1], fields[-1].split(",")
+            if (version == "v1" and kind == "cgroup" and "memory" in super_options) or \
+                    (version == "v2" and kind == "cgroup2"):
+                root, mount_point = fields[3], Path(fields[4])
+                inner = path[len(root):] if path.startswith(root) else path
+                leaf = mount_point / inner.lstrip("/")
+                return [leaf, *[p for p in leaf.parents if p.is_relative_to(mount_point)]]
+    return []
+
+
+def cgroup_headroom_mib(cgroup_file: str = "/proc/self/cgroup",
+                        mountinfo_file: str = "/proc/self/mountinfo") -> int | None:
+    """What this process's memory cgroups still allow (the limit less what is charged, the tightest over the
+    group and its ancestors), in MiB; None where no limit is set. Inside a container /proc/meminfo shows the
+    host's memory, not the container's limit."""
+    tightest = None
+    for folder in _memory_cgroup_dirs(cgroup_file, mountinfo_file):
+        for limit_name, usage_name in (("memory.limit_in_bytes", "memory.usage_in_bytes"),
+                                       ("memory.max", "memory.current")):
+            try:
+                limit_text = (folder / limit_name).read_text().strip()
+                usage = int((folder / usage_name).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= UNLIMITED_BYTES:
+                continue
+            headroom = max(0, int(limit_text) - usage) // (1024 * 1024)
+            tightest = headroom if tightest is None else min(tightest, headroom)
+    return tightest
+
+
 def resident_mib() -> int:
     """This process's peak resident memory so far, in MiB (0 where /proc is missing): loading the checkpoint
     peaks above what stays resident after it, and that peak is the floor of the run's."""
@@ -87,12 +136,14 @@ def memory_estimate(base_mib: int, streams: int, batch_size: int, image_size: in
 
 
 def fit_memory(max_memory: int | None, batch_size: int, streams: int, image_size: int, cam_layer: str | None,
-               device_type: str, threads: int, base_mib: int | None = None, available_mib: int | None = None
-               ) -> MemoryFit:
+               device_type: str, threads: int, base_mib: int | None = None, available_mib: int | None = None,
+               headroom_mib: int | None = None) -> MemoryFit:
     """The largest work in flight (streams x batch) whose estimated peak fits the budget: --max-memory, else
-    MEMORY_SHARE of the available memory. A batch size or stream count the user gave (non-zero) is kept;
-    the rest is chosen, never above CPU_BATCH_SIZES[0] (more memory would not buy speed). When nothing fits,
-    the smallest is taken. A GPU's memory is not estimated: one stream of GPU_BATCH_SIZE."""
+    MEMORY_SHARE of the available memory, and never more than a memory cgroup (a container's limit) still allows:
+    that limit is this process's own, so all of its headroom counts. A batch size or stream count the user gave
+    (non-zero) is kept; the rest is chosen, never above CPU_BATCH_SIZES[0] (more memory would not buy speed). When
+    nothing fits, the smallest is taken. available_mib and headroom_mib are read from /proc/meminfo and the
+    cgroup when available_mib is not given. A GPU's memory is not estimated: one stream of GPU_BATCH_SIZE."""
     default = default_streams(device_type, threads)
     if device_type != "cpu":
         return MemoryFit(streams or default, batch_size or GPU_BATCH_SIZE, 0, None,
@@ -100,13 +151,18 @@ def fit_memory(max_memory: int | None, batch_size: int, streams: int, image_size
     base = resident_mib() if base_mib is None else base_mib
     note = "--max-memory"
     if max_memory is None:
-        available = meminfo_mib("MemAvailable") if available_mib is None else available_mib
+        available, headroom = available_mib, headroom_mib
+        if available_mib is None:
+            available, headroom = meminfo_mib("MemAvailable"), cgroup_headroom_mib()
         if available is None:
             return MemoryFit(streams or default, batch_size or CPU_BATCH_SIZES[0], 0, None,
                              "not fitted: available memory unknown")
         # the process already holds `base`: it counts as part of what was available
         max_memory = int(MEMORY_SHARE * (available + base))
         note = f"auto: {MEMORY_SHARE:.0%} of {available + base} MiB available"
+        if headroom is not None and headroom + base < max_memory:
+            max_memory = headroom + base
+            note = f"auto: the memory cgroup's limit allows {headroom} MiB more"
     stream_choices = [streams] if streams else list(range(default, 0, -1))
     batch_choices = [batch_size] if batch_size else list(CPU_BATCH_SIZES)
     # most images in flight first; at equal counts more streams (they run faster on a small CPU)

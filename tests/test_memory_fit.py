@@ -12,7 +12,7 @@ import pytest
 
 import infer
 from conftest import run_script, save_image
-from scratch_detector.memory import fit_memory, meminfo_mib, memory_estimate, parse_memory
+from scratch_detector.memory import cgroup_headroom_mib, fit_memory, meminfo_mib, memory_estimate, parse_memory
 from scratch_detector.runtime import release_free_memory
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}  # two threads: the local engine's choice of two streams applies
@@ -37,8 +37,9 @@ def test_defaults_leave_batch_and_streams_to_the_fit():
     assert infer.parse_args(["--max-memory", "1.5G"]).max_memory == 1536
 
 
-def fit(budget, batch=0, streams=0, layer="features.2", device="cpu", available=None):
-    return fit_memory(budget, batch, streams, 200, layer, device, 2, base_mib=700, available_mib=available)
+def fit(budget, batch=0, streams=0, layer="features.2", device="cpu", available=None, headroom=None):
+    return fit_memory(budget, batch, streams, 200, layer, device, 2, base_mib=700, available_mib=available,
+                      headroom_mib=headroom)
 
 
 def test_a_smaller_budget_gets_less_work_in_flight():
@@ -68,6 +69,57 @@ def test_auto_budget_is_a_share_of_available_memory_and_gpus_are_not_fitted():
     assert "auto" in small.describe()
     gpu = fit(10, device="cuda")
     assert (gpu.streams, gpu.batch_size, gpu.budget_mib) == (1, 16, None)
+
+
+def test_a_container_limit_caps_the_auto_budget():
+    """Inside a container /proc/meminfo shows the host: 100 GB available, but the group allows 400 MiB more."""
+    host_only, contained = fit(None, available=100_000), fit(None, available=100_000, headroom=400)
+    assert contained.budget_mib == 700 + 400 < host_only.budget_mib
+    assert contained.streams * contained.batch_size < host_only.streams * host_only.batch_size
+    assert "cgroup" in contained.describe() and contained.estimate_mib <= contained.budget_mib
+    assert fit(None, available=1000, headroom=100_000).budget_mib == fit(None, available=1000).budget_mib
+
+
+MiB = 1024 * 1024
+
+
+def fake_cgroups(tmp_path, version, levels):
+    """A cgroup mount under tmp_path with this process in a group two levels down; levels: leaf first, each
+    (limit text, usage in bytes) or None (no limit files)."""
+    mount = tmp_path / "cgroup"
+    leaf = mount / "outer" / "inner"
+    limit_name, usage_name = (("memory.limit_in_bytes", "memory.usage_in_bytes") if version == 1
+                              else ("memory.max", "memory.current"))
+    for folder, level in zip([leaf, leaf.parent, mount], levels):
+        folder.mkdir(parents=True, exist_ok=True)
+        if level is not None:
+            (folder / limit_name).write_text(level[0] + "\n")
+            (folder / usage_name).write_text(f"{level[1]}\n")
+    membership = tmp_path / "cgroup_membership"
+    mountinfo = tmp_path / "mountinfo"
+    if version == 1:
+        membership.write_text("5:cpu,cpuacct:/\n4:memory:/outer/inner\n0::/\n")
+        mountinfo.write_text(f"31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+                             f"35 31 0:32 / {mount} rw,relatime - cgroup cgroup rw,memory\n")
+    else:
+        membership.write_text("0::/outer/inner\n")
+        mountinfo.write_text(f"30 23 0:27 / {mount} rw - cgroup2 cgroup2 rw,nsdelegate\n")
+    return str(membership), str(mountinfo)
+
+
+@pytest.mark.parametrize("version, unlimited", [(1, "9223372036854771712"), (2, "max")])
+def test_cgroup_headroom_is_the_tightest_limit_over_the_group_and_its_parents(tmp_path, version, unlimited):
+    files = fake_cgroups(tmp_path, version, [(unlimited, 300 * MiB), (str(1500 * MiB), 900 * MiB),
+                                             (str(4000 * MiB), 1000 * MiB)])
+    assert cgroup_headroom_mib(*files) == 600
+    files = fake_cgroups(tmp_path / "free", version, [(unlimited, 300 * MiB), None, (unlimited, 0)])
+    assert cgroup_headroom_mib(*files) is None
+    files = fake_cgroups(tmp_path / "full", version, [(str(100 * MiB), 150 * MiB), None, None])
+    assert cgroup_headroom_mib(*files) == 0
+
+
+def test_no_cgroup_files_mean_no_limit(tmp_path):
+    assert cgroup_headroom_mib(str(tmp_path / "missing"), str(tmp_path / "missing")) is None
 
 
 def test_cheaper_explanations_fit_more():
