@@ -29,7 +29,6 @@ holding any drawn colour).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
-from common import default_data_dir, load_average, machine_lines, markdown_table, median  # noqa: E402
+from common import bench_parser, default_data_dir, load_average, machine_lines, markdown_table, median  # noqa: E402
 from gradcam import METHODS, GradCAM, resolve_layer  # noqa: E402
 from scratch_detector.engines.local import ModelStreams  # noqa: E402
 from scratch_detector.evaluation import SWEEP_LAYERS, select_samples  # noqa: E402
@@ -235,9 +234,7 @@ def choose(rows: list[dict]) -> dict | None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "model_binary.pth"))
-    p.add_argument("--data-dir", help="NEU-DET data with ANNOTATIONS (default: $NEU_DATA_DIR, else ../shared/neu-det)")
+    p = bench_parser(__doc__)
     p.add_argument("--split", choices=["val", "test"], default="val",
                    help="val (default: where the CAM is chosen) or test (to check the choice)")
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))

@@ -5,6 +5,7 @@ waits for when they type `python train.py` or `python infer.py`.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -119,6 +120,17 @@ def check(run: ChildRun, what: str) -> None:
     if run.returncode != 0:
         tail = run.log.read_text(errors="replace").splitlines()[-20:]
         sys.exit(f"{what} failed (exit {run.returncode}); last lines of {run.log}:\n" + "\n".join(tail))
+
+
+def bench_parser(doc: str, model: bool = True) -> argparse.ArgumentParser:
+    """The opening every bench script shares: its docstring as --help, --data-dir, and --model where it scores a
+    checkpoint (the training benches make their own)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if model:
+        p.add_argument("--model", default=str(ROOT / "model_binary.pth"),
+                       help="checkpoint (default: model_binary.pth in the repo)")
+    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    return p
 
 
 def default_data_dir(cli_value: str | None) -> Path:

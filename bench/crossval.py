@@ -12,7 +12,6 @@ the folds (every train + validation image held out once). The test split is not 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -20,15 +19,14 @@ from pathlib import Path
 
 import torch
 
-from common import (ROOT, load_average, markdown_table, parse_with_script_args,
+from common import (ROOT, bench_parser, load_average, markdown_table, parse_with_script_args,
                     train_child, training_bench_start)
 
 OWNED_BY_BENCH = ("--data-dir", "--output", "--reports", "--test-images", "--cv-fold")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p = bench_parser(__doc__, model=False)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--only", type=int, nargs="+", help="run these folds only (0-based)")
     p.add_argument("--json", help="also write every figure to this JSON file")

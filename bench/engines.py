@@ -20,7 +20,6 @@ merge (journal.assemble -> predictions.csv, detections.csv, the review page). Th
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import shutil
@@ -31,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, run_child, tree
+from common import (ROOT, bench_parser, check, default_data_dir, load_average, machine_lines, markdown_table,
+                    run_child, tree)
 
 sys.path.insert(0, str(ROOT))
 from scratch_detector.storage import lines_on_disk  # noqa: E402  (standard library only: this process stays light)
@@ -127,8 +127,7 @@ def driver_parts(n: int, work: Path) -> list[list]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p = bench_parser(__doc__, model=False)
     p.add_argument("--sizes", type=int, nargs="*", default=[3000], help="numbers of images (default: 3000)")
     p.add_argument("--driver", type=int, default=0, help="also time the driver's serial steps on this many entries")
     p.add_argument("--engines", nargs="+", choices=["local", "ray"], default=["local", "ray"])

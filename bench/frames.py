@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from common import ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, run_child
+from common import ROOT, bench_parser, check, default_data_dir, load_average, machine_lines, markdown_table, run_child
 
 sys.path.insert(0, str(ROOT))
 from scratch_detector import perturb  # noqa: E402  (numpy and OpenCV only: this process stays light)
@@ -553,9 +553,7 @@ def speed_bench(args, model: Path, info: dict, work: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "model_binary.pth"), help="checkpoint (default: model_binary.pth)")
-    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p = bench_parser(__doc__)
     p.add_argument("--clean", type=int, default=12, help="clean continuous frames (default: %(default)s)")
     p.add_argument("--scratch", type=int, default=12, help="continuous frames with scratches (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="which images go where (default: %(default)s)")

@@ -30,7 +30,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from common import (ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, median,
+from common import (ROOT, bench_parser, check, default_data_dir, load_average, machine_lines, markdown_table, median,
                     parse_with_script_args, run_child)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}  # as dataset.py, without importing torch here
@@ -92,10 +92,7 @@ def peer_worker(input_dir: Path, output_dir: Path, model_path: Path, size: int) 
 # The bench
 # ---------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "model_binary.pth"),
-                   help="checkpoint for both sides (default: model_binary.pth in the repo)")
-    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p = bench_parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[300, 3000],
                    help="numbers of input images (default: 300 3000)")
     p.add_argument("--repeat", type=int, default=3, help="alternating rounds per size (default: %(default)s)")

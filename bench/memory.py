@@ -19,7 +19,6 @@ systemd as PID 1.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import re
@@ -28,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (ROOT, check, default_data_dir, load_average, machine_lines, markdown_table, median,
+from common import (ROOT, bench_parser, check, default_data_dir, load_average, machine_lines, markdown_table, median,
                     parse_with_script_args, run_child)
 from infer_speed import build_inputs, neu_images, rate_from_log, warm_up
 
@@ -99,9 +98,7 @@ BASELINE = ("import sys; sys.path.insert(0, '.'); import infer; "
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "model_binary.pth"), help="checkpoint (default: the repo's)")
-    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p = bench_parser(__doc__)
     p.add_argument("--images", type=int, default=300, help="input images (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="rounds over all configurations (default: %(default)s)")
     p.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="these configurations only")

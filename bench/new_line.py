@@ -17,7 +17,6 @@ on the clean NEU --split images (nothing forgotten), each at its own threshold. 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import tempfile
@@ -31,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
-from common import check, default_data_dir, load_average, machine_lines, markdown_table, run_child  # noqa: E402
+from common import (bench_parser, check, default_data_dir, load_average, machine_lines, markdown_table,  # noqa: E402
+                    run_child)
 from robustness import decode_originals, perturbed_pixels  # noqa: E402
 from scratch_detector import perturb  # noqa: E402
 from scratch_detector.finetune import spread_pick  # noqa: E402
@@ -88,9 +88,7 @@ def cells(m: dict) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "model_binary.pth"))
-    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p = bench_parser(__doc__)
     p.add_argument("--counts", type=int, nargs="+", default=[20, 40, 80], help="labelled images per fine-tune")
     p.add_argument("--split", choices=["test", "val"], default="test", help="images to score on (default: test)")
     p.add_argument("--seed", type=int, default=0, help="which images are labelled, and train.py's --seed")

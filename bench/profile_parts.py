@@ -17,7 +17,6 @@ NEU images decoded in advance, with the streams and batch size infer.py fits on 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from scratch_detector.overlay import encode_overlay, render_overlay  # noqa: E40
 from scratch_detector.pipeline import Decoded  # noqa: E402
 from scratch_detector.settings import DEFAULT_CAM, DEFAULT_CAM_LAYER  # noqa: E402
 
-from common import default_data_dir, machine_lines  # noqa: E402
+from common import bench_parser, default_data_dir, machine_lines  # noqa: E402
 
 
 def per_item_ms(work, items: int, repeats: int = 5) -> float:
@@ -135,9 +134,7 @@ def model_only_rate(model_path, data_dir, images: int, rounds: int = 3) -> tuple
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "model_binary.pth"))
-    p.add_argument("--data-dir", help="NEU data for the decode timing (default: $NEU_DATA_DIR, else ../shared/neu-det)")
+    p = bench_parser(__doc__)
     p.add_argument("--training-only", action="store_true", help="time the training steps only")
     p.add_argument("--model-only", action="store_true", help="print only the model-only rate (see above)")
     p.add_argument("--images", type=int, default=300, help="--model-only: images per pass (default: %(default)s)")

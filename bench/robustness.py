@@ -11,7 +11,6 @@ values of the same kinds, never used to choose anything, to show whether it gene
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
-from common import default_data_dir, machine_lines, markdown_table  # noqa: E402
+from common import bench_parser, default_data_dir, machine_lines, markdown_table  # noqa: E402
 from scratch_detector import perturb  # noqa: E402
 from scratch_detector.evaluation import select_samples  # noqa: E402
 from scratch_detector.metrics import binary_metrics  # noqa: E402
@@ -95,9 +94,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "model_binary.pth"))
-    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p = bench_parser(__doc__)
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = p.parse_args(argv)

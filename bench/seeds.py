@@ -12,7 +12,6 @@ over the eight camera changes on its test split; then the mean and the worst see
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -20,7 +19,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import (load_average, markdown_table, parse_with_script_args,
+from common import (bench_parser, load_average, markdown_table, parse_with_script_args,
                     train_child, training_bench_start)
 from robustness import robustness_rows
 
@@ -29,8 +28,7 @@ OWNED_BY_BENCH = ("--data-dir", "--output", "--reports", "--test-images", "--see
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p = bench_parser(__doc__, model=False)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1: timings stay honest)")
     p.add_argument("--no-robustness", dest="robustness", action="store_false", help="clean metrics only")

@@ -11,7 +11,6 @@ Arguments after `--` are passed on to train.py.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -20,15 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (check, default_data_dir, load_average, machine_lines, markdown_table, median,
+from common import (bench_parser, check, default_data_dir, load_average, machine_lines, markdown_table, median,
                     parse_with_script_args, run_child)
 
 OWNED_BY_BENCH = ("--data-dir", "--output", "--reports", "--test-images")  # would redirect files out of the temp dir
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p = bench_parser(__doc__, model=False)
     p.add_argument("--repeat", type=int, default=1, help="train this many times (default: %(default)s)")
     args = parse_with_script_args(p, argv, OWNED_BY_BENCH)
     if args.repeat < 1:

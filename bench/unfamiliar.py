@@ -24,7 +24,6 @@ the calibrated p fitted here from its own training and validation splits by the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
-from common import default_data_dir, machine_lines, markdown_table  # noqa: E402
+from common import bench_parser, default_data_dir, machine_lines, markdown_table  # noqa: E402
 from robustness import OTHER_VALUES, PERTURBATIONS, decode_originals, perturbed_pixels  # noqa: E402
 from scratch_detector import familiarity  # noqa: E402
 from scratch_detector.calibration import apply_temperature, calibration_summary  # noqa: E402
@@ -263,9 +262,7 @@ def file_scores(model, meta: dict, stats: dict, fitted: dict, path: Path, device
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "model_binary.pth"))
-    p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
+    p = bench_parser(__doc__)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.add_argument("--refit", action="store_true",
