@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,26 @@ def bench_parser(doc: str, model: bool = True) -> argparse.ArgumentParser:
                        help="checkpoint (default: model_binary.pth in the repo)")
     p.add_argument("--data-dir", help="NEU data (default: $NEU_DATA_DIR, else ../shared/neu-det beside the repo)")
     return p
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}  # as dataset.py, without importing torch here
+
+
+def neu_images(data_dir: Path) -> list[Path]:
+    """Every image file under data_dir, sorted."""
+    found = [Path(root) / name for root, dirs, files in os.walk(data_dir) for name in files
+             if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")]
+    if not found:
+        sys.exit(f"error: no images under {data_dir}")
+    return sorted(found)
+
+
+def input_order(sources: list[Path], n: int) -> list[Path]:
+    """The N inputs of the speed and memory benches: the images in one fixed shuffled order (classes mixed),
+    repeated past their count. infer.py and the model-only rate see the same images in the same order."""
+    order = list(sources)
+    random.Random(0).shuffle(order)
+    return [order[i % len(order)] for i in range(n)]
 
 
 def default_data_dir(cli_value: str | None) -> Path:

@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 from common import (ROOT, bench_parser, check, default_data_dir, load_average, machine_lines, markdown_table,
-                    run_child, tree)
+                    neu_images, run_child, tree)
 
 sys.path.insert(0, str(ROOT))
 from scratch_detector.storage import lines_on_disk  # noqa: E402  (standard library only: this process stays light)
-from infer_speed import build_inputs, neu_images
+from infer_speed import build_inputs
 
 
 def run_infer(inputs: Path, output: Path, engine: str, log: Path, extra=()) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import random
 import re
 import shutil
 import sys
@@ -30,10 +29,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from common import (ROOT, bench_parser, check, default_data_dir, load_average, machine_lines, markdown_table, median,
-                    parse_with_script_args, run_child)
+from common import (IMAGE_EXTENSIONS, ROOT, bench_parser, check, default_data_dir, input_order, load_average,
+                    machine_lines, markdown_table, median, neu_images, parse_with_script_args, run_child)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}  # as dataset.py, without importing torch here
 PEER = "pytorch-grad-cam README loop"
 
 
@@ -109,23 +107,12 @@ def parse_args(argv=None):
     return args
 
 
-def neu_images(data_dir: Path) -> list[Path]:
-    found = [Path(root) / name for root, dirs, files in os.walk(data_dir) for name in files
-             if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")]
-    if not found:
-        sys.exit(f"error: no images under {data_dir}")
-    return sorted(found)
-
-
 def build_inputs(sources: list[Path], n: int, folder: Path) -> None:
-    """N symlinks to the NEU images in a fixed shuffled order (classes mixed), repeating them past 1500.
-    infer.py (os.walk + Pillow) and the peer (cv2.imread) both follow symlinks."""
-    order = list(sources)
-    random.Random(0).shuffle(order)
+    """N symlinks to the NEU images in input_order. infer.py (os.walk + Pillow) and the peer (cv2.imread) both
+    follow symlinks."""
     folder.mkdir()
     width = max(5, len(str(n - 1)))
-    for i in range(n):
-        source = order[i % len(order)]
+    for i, source in enumerate(input_order(sources, n)):
         (folder / f"{i:0{width}d}_{source.name}").symlink_to(source)
 
 

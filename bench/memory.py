@@ -28,8 +28,8 @@ import tempfile
 from pathlib import Path
 
 from common import (ROOT, bench_parser, check, default_data_dir, load_average, machine_lines, markdown_table, median,
-                    parse_with_script_args, run_child)
-from infer_speed import build_inputs, neu_images, rate_from_log, warm_up
+                    neu_images, parse_with_script_args, run_child)
+from infer_speed import build_inputs, rate_from_log, warm_up
 
 sys.path.insert(0, str(ROOT))
 from scratch_detector.memory import parse_memory  # noqa: E402

@@ -41,7 +41,7 @@ from scratch_detector.overlay import encode_overlay, render_overlay  # noqa: E40
 from scratch_detector.pipeline import Decoded  # noqa: E402
 from scratch_detector.settings import DEFAULT_CAM, DEFAULT_CAM_LAYER  # noqa: E402
 
-from common import bench_parser, default_data_dir, machine_lines  # noqa: E402
+from common import bench_parser, default_data_dir, input_order, machine_lines, neu_images  # noqa: E402
 
 
 def per_item_ms(work, items: int, repeats: int = 5) -> float:
@@ -108,15 +108,14 @@ def cam_images_per_second(model, streams: int, pixels: np.ndarray, rounds: int =
 def model_only_rate(model_path, data_dir, images: int, rounds: int = 3) -> tuple[float, str]:
     """-> (images/s, how it ran): infer.py's model work alone, through its own ModelStreams with the streams and
     batch size infer.py fits here (memory.fit_memory): forward, CAM and familiarity score on `images` NEU
-    images decoded in advance (cycled, classes mixed). No start-up, decoding, overlays or writing. Median of
+    images decoded in advance, in bench/infer_speed.py's order (common.input_order). No start-up, decoding, overlays or writing. Median of
     `rounds` passes after a warm-up."""
     model, meta = load_checkpoint(model_path)
     fold_batchnorm(model)
     size = int(meta["image_size"])
-    sources = sorted((default_data_dir(data_dir)).rglob("*.jpg"))
-    sources = sources[::7] + [path for i, path in enumerate(sources) if i % 7]  # classes mixed, deterministic
-    units = [Decoded(str(i), dataset.to_model_pixels(dataset.open_image(sources[i % len(sources)], size), size))
-             for i in range(images)]
+    sources = input_order(neu_images(default_data_dir(data_dir)), images)
+    units = [Decoded(str(i), dataset.to_model_pixels(dataset.open_image(path, size), size))
+             for i, path in enumerate(sources)]
     fit = fit_memory(None, 0, 0, size, DEFAULT_CAM_LAYER, "cpu", torch.get_num_threads())
     batches = [units[i:i + fit.batch_size] for i in range(0, len(units), fit.batch_size)]
     runner = ModelStreams(model, meta["normalization"], DEFAULT_CAM, DEFAULT_CAM_LAYER, fit.streams,
