@@ -162,8 +162,10 @@ def plant_clone(frame: np.ndarray, scratch: np.ndarray, boxes, x: int, y: int) -
     # seamlessClone centres the source's masked bounding box at `center` in the destination: give both one frame
     bx, by, bw, bh = cv2.boundingRect(full_mask)
     center = (bx + bw // 2, by + bh // 2)
+    # a copy: OpenCV 5.0's seamlessClone overwrites its mask argument, leaving only a thin ring of it; the
+    # np.where below then kept the frame's own pixels and the scratch was never planted
     blended = cv2.seamlessClone(cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR), cv2.cvtColor(destination, cv2.COLOR_GRAY2BGR),
-                                full_mask, center, cv2.NORMAL_CLONE)
+                                full_mask.copy(), center, cv2.NORMAL_CLONE)
     window[:] = np.where(full_mask > 0, cv2.cvtColor(blended, cv2.COLOR_BGR2GRAY).astype(np.float32), window)
     return [(x + x0, y + y0, x + x1, y + y1) for x0, y0, x1, y1 in boxes]
 
