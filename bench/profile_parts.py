@@ -108,8 +108,8 @@ def cam_images_per_second(model, streams: int, pixels: np.ndarray, rounds: int =
 def model_only_rate(model_path, data_dir, images: int, rounds: int = 3) -> tuple[float, str]:
     """-> (images/s, how it ran): infer.py's model work alone, through its own ModelStreams with the streams and
     batch size infer.py fits here (memory.fit_memory): forward, CAM and familiarity score on `images` NEU
-    images decoded in advance, in bench/infer_speed.py's order (common.input_order). No start-up, decoding, overlays or writing. Median of
-    `rounds` passes after a warm-up."""
+    images decoded in advance, in bench/infer_speed.py's order (common.input_order). No start-up, decoding,
+    overlays or writing. Median of `rounds` passes after a warm-up."""
     model, meta = load_checkpoint(model_path)
     fold_batchnorm(model)
     size = int(meta["image_size"])

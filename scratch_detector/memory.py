@@ -61,21 +61,20 @@ UNLIMITED_BYTES = 1 << 60          # cgroup v1 writes "no limit" as a number nea
 
 def _memory_cgroup_dirs(cgroup_file: str, mountinfo_file: str) -> list[Path]:
     """The folders of this process's memory cgroup and of its ancestors up to the mount, leaf first (cgroup v1's
-    memory controller, else v2's unified tree); [] where neither is mounted."""
+    memory controller, else v2's unified tree, whose line in /proc/self/cgroup names no controller); [] where
+    neither is mounted."""
     try:
-        memberships = [line.rstrip("\n").split(":", 2) for line in open(cgroup_file)]
-        mounts = [line.split() for line in open(mountinfo_file)]
+        memberships = [parts for line in open(cgroup_file) if len(parts := line.rstrip("\n").split(":", 2)) == 3]
+        mounts = [fields for line in open(mountinfo_file) if "-" in (fields := line.split())]
     except OSError:
         return []
-    for version, wanted in (("v1", "memory"), ("v2", "")):
-        path = next((p for _, ctrls, p in (m for m in memberships if len(m) == 3)
-                     if (wanted in ctrls.split(",") if version == "v1" else ctrls == "")), None)
+    for controller, fs_type in (("memory", "cgroup"), ("", "cgroup2")):
+        path = next((p for _, controllers, p in memberships if controller in controllers.split(",")), None)
+        if path is None:
+            continue
         for fields in mounts:
-            if path is None or "-" not in fields:
-                continue
             kind, super_options = fields[fields.index("-") + 1], fields[-1].split(",")
-            if (version == "v1" and kind == "cgroup" and "memory" in super_options) or \
-                    (version == "v2" and kind == "cgroup2"):
+            if kind == fs_type and (fs_type == "cgroup2" or "memory" in super_options):
                 root, mount_point = fields[3], Path(fields[4])
                 inner = path[len(root):] if path.startswith(root) else path
                 leaf = mount_point / inner.lstrip("/")
