@@ -19,6 +19,7 @@ systemd as PID 1.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import re
@@ -72,23 +73,42 @@ class MemoryLimit:
         except OSError as error:
             sys.exit(f"error: --limit cannot make a memory cgroup ({error}); it needs root or a delegated cgroup")
         self.mib = mib
+        self.kills_before = self._counters().get("oom_kill", 0)
 
     def wrap(self, command: list[str]) -> list[str]:
         return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.group), *command]
 
+    def _counters(self) -> dict[str, int]:
+        """The group's "name value" counter files: v1's memory.oom_control, v2's memory.events."""
+        found = {}
+        for name in ("memory.oom_control", "memory.events"):
+            if (self.group / name).exists():
+                found.update((key, int(value)) for key, value in
+                             (line.split() for line in (self.group / name).read_text().splitlines()))
+        return found
+
     def report(self) -> str:
-        """The group's peak usage (page cache included) and how often it hit the limit, since the last report."""
+        """The group's peak usage (page cache included), how often it hit the limit and how many processes the
+        kernel killed for memory, since the last report (v1's failcnt stays 0 on an OOM kill here)."""
         read = {name: (self.group / name).read_text().strip() for name in
-                ("memory.max_usage_in_bytes", "memory.failcnt", "memory.peak", "memory.events")
+                ("memory.max_usage_in_bytes", "memory.failcnt", "memory.peak")
                 if (self.group / name).exists()}
+        counters = self._counters()
         peak = int(read.get("memory.max_usage_in_bytes") or read.get("memory.peak") or 0) / 2 ** 20
-        hits = read.get("memory.failcnt") or dict(line.split() for line in read.get("memory.events", "").splitlines()).get("max", "?")
+        hits = read.get("memory.failcnt") or counters.get("max", "?")
+        kills = counters.get("oom_kill", 0) - self.kills_before
+        self.kills_before = counters.get("oom_kill", 0)
         for name in ("memory.max_usage_in_bytes", "memory.failcnt"):  # v1: reset, so each run reports its own
             if name in read:
                 (self.group / name).write_text("0")
-        return f"limit {self.mib} MiB: cgroup peak {peak:.0f} MiB (page cache included), limit hit {hits} times"
+        return (f"limit {self.mib} MiB: cgroup peak {peak:.0f} MiB (page cache included), limit hit {hits} times, "
+                f"{kills} OOM kill(s)")
 
-    def close(self) -> None:
+    def __enter__(self) -> "MemoryLimit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Remove the group, also when a run failed (its processes have exited by then)."""
         self.group.rmdir()
 
 
@@ -164,8 +184,8 @@ def main(argv=None) -> int:
     warm_up(sources)
     runs: dict[str, list[dict]] = {"baseline": [], **{name: [] for name in configs}}
     unit = "tiles" if args.strip else "images"
-    limit = MemoryLimit(args.limit) if args.limit else None
-    with tempfile.TemporaryDirectory(prefix="memory_bench_") as tmp:
+    with (tempfile.TemporaryDirectory(prefix="memory_bench_") as tmp,
+          MemoryLimit(args.limit) if args.limit else contextlib.nullcontext() as limit):
         work = Path(tmp)
         inputs = work / "images"
         if args.strip:
@@ -197,8 +217,6 @@ def main(argv=None) -> int:
                       f"({runs[name][-1]['own']:.1f} after imports), {cpu_ms:.1f} CPU ms/{unit[:-1]} "
                       f"({runs[name][-1]['how']})", flush=True)
 
-    if limit:
-        limit.close()
     base = median([r["rss"] for r in runs["baseline"]])
     rows = [["import + load (baseline)", "", f"{base:.0f}", "0", "-", "-", "-"]]
     for name, (extra, env, what) in configs.items():
