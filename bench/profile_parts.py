@@ -14,9 +14,15 @@ after them. Median of several repeats; random inputs, the committed model for in
 prints only the model-only rate: what infer.py's model streams do alone (forward, CAM and familiarity score) on
 NEU images decoded in advance, with the streams and batch size infer.py fits on this machine: the ceiling that
 `python bench/infer_speed.py --model-only` measures infer.py's whole-process rate against.
+
+    python bench/profile_parts.py --training-memory
+
+prints only the peak resident memory of train.py's training step (with and without the heatmap loss) and of
+smaller ones, each in a fresh process: what a training step needs above the imports.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import sys
@@ -55,10 +61,13 @@ def per_item_ms(work, items: int, repeats: int = 5) -> float:
     return statistics.median(times) / items * 1000
 
 
-def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = False, explained: int = 0) -> float:
+def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = False, explained: int = 0,
+                  one_after_other: bool = False) -> float:
     """ms per image of one AdamW step (forward, backward, update) on random input; bf16: CPU autocast;
     explained: that many images of the batch also get train.py's heatmap loss (explain_loss.heatmap_loss on
-    the default CAM layer, which train.py also shapes; a box across the middle): the cost of a batch with it."""
+    the default CAM layer, which train.py also shapes; a box across the middle): the cost of a batch with it.
+    one_after_other: backpropagate the cross-entropy before the heatmap loss's forward pass, as train.py does
+    (the same gradients), instead of their sum in one backward pass, as it did before."""
     torch.manual_seed(0)
     model, _ = build_model("none")
     capture = explain_loss.LayerCamCapture(model.get_submodule(DEFAULT_CAM_LAYER)) if explained else None
@@ -71,14 +80,45 @@ def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = 
     labels = torch.randint(0, 2, (batch,))
 
     def step():
+        optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(images), labels)
-            if capture is not None:
+            if capture is not None and one_after_other:
+                loss.backward()
+                loss = explain_loss.heatmap_loss(model, capture, images[:explained], masks)
+            elif capture is not None:
                 loss = loss + explain_loss.heatmap_loss(model, capture, images[:explained], masks)
-        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return per_item_ms(step, batch, repeats=4)
+
+
+def peak_rss_mib() -> int:
+    """This process's resident high-water mark (VmHWM), MiB."""
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) // 1024 for line in handle if line.startswith("VmHWM"))
+
+
+# train.py's step (200 px, batch 16, channels_last) and smaller ones: (batch, images with the heatmap loss, the
+# two losses backpropagated one after the other). 4 of 16 is about what a batch with NEU's boxes and the
+# transplant's marks has.
+TRAINING_MEMORY = ((16, 0, False), (16, 4, False), (16, 4, True), (16, 16, False), (8, 0, False), (8, 2, False))
+
+
+def training_memory() -> list[str]:
+    """One line per TRAINING_MEMORY step: the peak RSS of a fresh process that imports what this script imports
+    and then runs that training step 6 times (training_step), against its RSS before the step: the memory of
+    the step itself, which no later step of the same shape raises."""
+    lines = []
+    for batch, explained, one_after_other in TRAINING_MEMORY:
+        out = subprocess.run([sys.executable, __file__, "--memory-step", str(batch), str(explained),
+                              str(int(one_after_other))], check=True, capture_output=True, text=True).stdout.split()
+        before, peak, ms = int(out[0]), int(out[1]), float(out[2])
+        what = (f", heatmap loss on {explained} images" if explained else ", no heatmap loss") + \
+            (", losses backpropagated one after the other" if one_after_other else "")
+        lines.append(f"- batch {batch}{what}: peak {peak} MiB = {before} before the step + {peak - before} for it; "
+                     f"{ms:.1f} ms/img")
+    return lines
 
 
 def import_seconds(statement: str, skip_teardown: bool = False) -> tuple[float, float]:
@@ -138,7 +178,21 @@ def main(argv=None) -> int:
     p.add_argument("--model-only", action="store_true", help="print only the model-only rate (see above)")
     p.add_argument("--images", type=int, default=300, help="--model-only: images per pass (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="--model-only: timed passes (default: %(default)s)")
+    p.add_argument("--training-memory", action="store_true",
+                   help="peak resident memory of train.py's training step and smaller ones, one process each")
+    p.add_argument("--memory-step", nargs=3, type=int, help=argparse.SUPPRESS)  # the child of --training-memory
     args = p.parse_args(argv)
+    if args.memory_step:
+        before = peak_rss_mib()
+        batch, explained, one_after_other = args.memory_step
+        ms = training_step(200, True, batch, explained=explained, one_after_other=bool(one_after_other))
+        print(before, peak_rss_mib(), ms)
+        return 0
+    if args.training_memory:
+        print("\n".join(machine_lines()))
+        print("\n## Training step memory (200 px, channels_last, AdamW; random init, random input)")
+        print("\n".join(training_memory()))
+        return 0
     if args.model_only:
         rate, how = model_only_rate(args.model, args.data_dir, args.images, args.rounds)
         print(f"model only: {rate:.1f} images/s ({args.images} images, {how}, median of {args.rounds})")
