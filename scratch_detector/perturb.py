@@ -66,11 +66,17 @@ def magnify(image: np.ndarray, factor: float, center: tuple[float, float] = (0.5
     if factor <= 1.0:
         return image.copy()
     height, width = image.shape[:2]
-    crop_h, crop_w = max(1, round(height / factor)), max(1, round(width / factor))
-    top = round((height - crop_h) * center[1])
-    left = round((width - crop_w) * center[0])
+    top, left, crop_h, crop_w = magnify_window(height, width, factor, center)
     window = image[top:top + crop_h, left:left + crop_w]
     return cv2.resize(window, (width, height), interpolation=cv2.INTER_LINEAR).reshape(image.shape)
+
+
+def magnify_window(height: int, width: int, factor: float, center: tuple[float, float] = (0.5, 0.5)):
+    """(top, left, height, width) of the part of a height x width image that magnify() keeps in view."""
+    if factor <= 1.0:
+        return 0, 0, height, width
+    crop_h, crop_w = max(1, round(height / factor)), max(1, round(width / factor))
+    return round((height - crop_h) * center[1]), round((width - crop_w) * center[0]), crop_h, crop_w
 
 
 def scratch_marks(image: np.ndarray, boxes, sigma: float = 6.0, margin: int = 4, feather: float = 2.0) -> np.ndarray:
