@@ -62,12 +62,12 @@ def per_item_ms(work, items: int, repeats: int = 5) -> float:
 
 
 def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = False, explained: int = 0,
-                  one_after_other: bool = False) -> float:
+                  summed: bool = False) -> float:
     """ms per image of one AdamW step (forward, backward, update) on random input; bf16: CPU autocast;
     explained: that many images of the batch also get train.py's heatmap loss (explain_loss.heatmap_loss on
     the default CAM layer, which train.py also shapes; a box across the middle): the cost of a batch with it.
-    one_after_other: backpropagate the cross-entropy before the heatmap loss's forward pass, as train.py does
-    (the same gradients), instead of their sum in one backward pass, as it did before."""
+    The cross-entropy is backpropagated before the heatmap loss's forward pass, as train.py does; summed: the two
+    losses added and backpropagated once instead, as train.py did before (the same gradients, more memory)."""
     torch.manual_seed(0)
     model, _ = build_model("none")
     capture = explain_loss.LayerCamCapture(model.get_submodule(DEFAULT_CAM_LAYER)) if explained else None
@@ -83,11 +83,11 @@ def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = 
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(images), labels)
-            if capture is not None and one_after_other:
+            if capture is not None and summed:
+                loss = loss + explain_loss.heatmap_loss(model, capture, images[:explained], masks)
+            elif capture is not None:
                 loss.backward()
                 loss = explain_loss.heatmap_loss(model, capture, images[:explained], masks)
-            elif capture is not None:
-                loss = loss + explain_loss.heatmap_loss(model, capture, images[:explained], masks)
         loss.backward()
         optimizer.step()
     return per_item_ms(step, batch, repeats=4)
@@ -100,22 +100,22 @@ def peak_rss_mib() -> int:
 
 
 # train.py's step (200 px, batch 16, channels_last) and smaller ones: (batch, images with the heatmap loss, the
-# two losses backpropagated one after the other). 4 of 16 is about what a batch with NEU's boxes and the
-# transplant's marks has.
-TRAINING_MEMORY = ((16, 0, False), (16, 4, False), (16, 4, True), (16, 16, False), (8, 0, False), (8, 2, False))
+# two losses summed as train.py did before). 4 of 16 is about what a batch with NEU's boxes and the transplant's
+# marks has.
+TRAINING_MEMORY = ((16, 0, False), (16, 4, True), (16, 4, False), (16, 16, False), (8, 0, False), (8, 2, False))
 
 
 def training_memory() -> list[str]:
     """One line per TRAINING_MEMORY step: the peak RSS of a fresh process that imports what this script imports
-    and then runs that training step 6 times (training_step), against its RSS before the step: the memory of
+    and then runs that training step 5 times (training_step), against its RSS before the step: the memory of
     the step itself, which no later step of the same shape raises."""
     lines = []
-    for batch, explained, one_after_other in TRAINING_MEMORY:
-        out = subprocess.run([sys.executable, __file__, "--memory-step", str(batch), str(explained),
-                              str(int(one_after_other))], check=True, capture_output=True, text=True).stdout.split()
+    for batch, explained, summed in TRAINING_MEMORY:
+        out = subprocess.run([sys.executable, __file__, "--memory-step", str(batch), str(explained), str(int(summed))],
+                             check=True, capture_output=True, text=True).stdout.split()
         before, peak, ms = int(out[0]), int(out[1]), float(out[2])
         what = (f", heatmap loss on {explained} images" if explained else ", no heatmap loss") + \
-            (", losses backpropagated one after the other" if one_after_other else "")
+            (", the two losses summed (train.py before)" if summed else "")
         lines.append(f"- batch {batch}{what}: peak {peak} MiB = {before} before the step + {peak - before} for it; "
                      f"{ms:.1f} ms/img")
     return lines
@@ -184,8 +184,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.memory_step:
         before = peak_rss_mib()
-        batch, explained, one_after_other = args.memory_step
-        ms = training_step(200, True, batch, explained=explained, one_after_other=bool(one_after_other))
+        batch, explained, summed = args.memory_step
+        ms = training_step(200, True, batch, explained=explained, summed=bool(summed))
         print(before, peak_rss_mib(), ms)
         return 0
     if args.training_memory:
