@@ -186,21 +186,22 @@ def train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator
         images = dataset.normalize(images, args.normalization).to(device)
         targets = targets.to(device)
         logits = model(images)
-        losses = [F.cross_entropy(logits, targets)]
+        loss = F.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         # The two losses are backpropagated one after the other, the cross-entropy's graph freed before the
         # heatmap loss's own forward pass: the same gradients as their sum's, with less memory at the peak.
-        backward_finite(losses[0], epoch, args.lr)
+        backward_finite(loss, epoch, args.lr)
+        loss_value = loss.item()
         if explain:
             boxed = batch_masks.flatten(1).amax(1) > 0
             if boxed.any():
-                losses.append(args.explain_weight * explain_loss.heatmap_loss(
-                    model, capture, images[boxed.to(device)], batch_masks[boxed].to(device)))
-                backward_finite(losses[1], epoch, args.lr)
+                heatmap = args.explain_weight * explain_loss.heatmap_loss(
+                    model, capture, images[boxed.to(device)], batch_masks[boxed].to(device))
+                backward_finite(heatmap, epoch, args.lr)
+                loss_value += heatmap.item()
         optimizer.step()
         scheduler.step()
-        loss = sum(term.item() for term in losses)
-        total_loss += loss * len(index)
+        total_loss += loss_value * len(index)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(index)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")

@@ -60,8 +60,6 @@ OTHER_VALUES = {
 }
 
 
-
-
 def share_in_view(xml: Path, shape: tuple[int, int], factor: float) -> float:
     """The share of a scratch's box area (VOC file `xml`, on an image of `shape` = (H, W)) that stays in view
     under perturb.magnify(image, factor). 1.0 without boxes."""
@@ -135,8 +133,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.model, device)
-    samples, _ = select_samples(default_data_dir(args.data_dir), meta, args.split)
-    rows = robustness_rows(model, meta, samples, device, annotations=find_annotations(default_data_dir(args.data_dir)))
+    data_dir = default_data_dir(args.data_dir)
+    samples, _ = select_samples(data_dir, meta, args.split)
+    rows = robustness_rows(model, meta, samples, device, annotations=find_annotations(data_dir))
     labels = dataset.labels_of(samples)
     print("\n".join(f"- {line}" for line in machine_lines()))
     print(f"- model {args.model}: image size {meta['image_size']}, {meta['normalization']} normalization, "

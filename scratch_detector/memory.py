@@ -74,7 +74,7 @@ def _memory_cgroup_dirs(cgroup_file: str, mountinfo_file: str) -> list[Path]:
             continue
         for fields in mounts:
             kind, super_options = fields[fields.index("-") + 1], fields[-1].split(",")
-            if kind == fs_type and (fs_type == "cgroup2" or "memory" in super_options):
+            if kind == fs_type and (not controller or controller in super_options):
                 root, mount_point = fields[3], Path(fields[4])
                 inner = path[len(root):] if path.startswith(root) else path
                 leaf = mount_point / inner.lstrip("/")
