@@ -270,6 +270,12 @@ def main(argv=None) -> int:
                         "train.py would, instead of using the checkpoint's (to measure a change to them before "
                         "retraining)")
     args = p.parse_args(argv)
+    try:  # before minutes of scoring, not when the non-steel set is built
+        import importlib
+        importlib.import_module("skimage")
+    except ImportError:
+        sys.exit("error: bench/unfamiliar.py needs scikit-image, whose pictures are part of the non-steel set: "
+                 "pip install -r bench/requirements.txt")
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.model, device)
     data_dir = default_data_dir(args.data_dir)
