@@ -24,6 +24,7 @@ the calibrated p fitted here from its own training and validation splits by the 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import tempfile
@@ -270,10 +271,7 @@ def main(argv=None) -> int:
                         "train.py would, instead of using the checkpoint's (to measure a change to them before "
                         "retraining)")
     args = p.parse_args(argv)
-    try:  # before minutes of scoring, not when the non-steel set is built
-        import importlib
-        importlib.import_module("skimage")
-    except ImportError:
+    if importlib.util.find_spec("skimage") is None:  # said before minutes of scoring, not when the set is built
         sys.exit("error: bench/unfamiliar.py needs scikit-image, whose pictures are part of the non-steel set: "
                  "pip install -r bench/requirements.txt")
     device = pick_device(args.device)
