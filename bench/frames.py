@@ -6,7 +6,8 @@ are planted scratches found, and do the heatmap and the top detection point at t
     python bench/frames.py --speed                  # tiles/s against images/s on 200 x 200 images, peak RSS
     python bench/frames.py --speed --many 1000      # ... with a folder of 1000 large frames (long: ~5x the default)
 
-The frames are built from the checkpoint's test split only (evaluation.select_samples), in a temp folder deleted
+The frames are built from one split of the checkpoint's, the test split unless --split val (to choose a setting
+without looking at the test split), and only from it (evaluation.select_samples), in a temp folder deleted
 after; infer.py runs on them as a child process with its defaults, plus --save-heatmaps for the pointing
 score. --keep DIR copies the overlays and CSVs out (outside the repo, or under its git-ignored outputs/: they
 are made from NEU images).
@@ -109,6 +110,9 @@ def quilt(source: np.ndarray, height: int, width: int, rng, block: int = 100, ov
                 mask[:, :overlap if c else 0] = 1
                 mask[:overlap if r else 0, :] = 1
                 error = cv2.matchTemplate(source, np.ascontiguousarray(old), cv2.TM_SQDIFF, mask=mask)
+                # a sum of squares, but OpenCV's masked sums can round to just below 0; a negative best match
+                # would leave no candidate within `tolerance` of it
+                error = np.maximum(error, 0)
                 good = np.argwhere(error <= error.min() * (1 + tolerance) + 1e-3)
                 sy, sx = good[int(rng.integers(len(good)))]
             patch = source[sy:sy + block, sx:sx + block]
@@ -196,7 +200,7 @@ class Truth:
 
 
 class Sources:
-    """The test split's images, drawn in a seeded shuffled order (cycling when a set needs more)."""
+    """The split's images (test unless --split val), drawn in a seeded shuffled order (cycling when a set needs more)."""
 
     def __init__(self, samples, annotations, seed: int, background: str = "quilt", planting: str = "clone"):
         import dataset
@@ -297,7 +301,7 @@ def build_speed_inputs(sources: Sources, samples, work: Path, n_small: int, n_di
 
 
 def build_worker(args) -> int:
-    """The child that reads the checkpoint and the test split and writes the frames and build.json."""
+    """The child that reads the checkpoint and the --split images and writes the frames and build.json."""
     from scratch_detector.evaluation import select_samples
     from scratch_detector.metrics import find_annotations
     from scratch_detector.model import load_checkpoint
@@ -305,7 +309,7 @@ def build_worker(args) -> int:
     work = args.work
     data_dir = default_data_dir(args.data_dir)
     _, meta = load_checkpoint(args.model)
-    samples, _ = select_samples(data_dir, meta, "test")
+    samples, _ = select_samples(data_dir, meta, args.split)
     sources = Sources(samples, find_annotations(data_dir), args.seed, args.background, args.plant)
     if args.speed:
         truths = build_speed_inputs(sources, samples, work, args.small, args.distinct, [args.distinct, args.many])
@@ -321,7 +325,7 @@ def build_worker(args) -> int:
 
 def build(args, work: Path) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--build-worker", "--work", str(work),
-               "--model", str(args.model), "--seed", str(args.seed), "--background", args.background,
+               "--model", str(args.model), "--split", args.split, "--seed", str(args.seed), "--background", args.background,
                "--plant", args.plant,
                "--clean", str(args.clean), "--scratch", str(args.scratch), "--small", str(args.small),
                "--distinct", str(args.distinct), "--many", str(args.many)]
@@ -457,11 +461,11 @@ def accuracy_bench(args, model: Path, info: dict, work: Path) -> None:
     sets = {"continuous (mixed sizes)": [s for s in scored if s.truth.kind == "continuous"],
             "six-frame case, 1000x1000 continuous": [s for s in scored if s.truth.kind == "six"],
             "mosaic 5x5, seams on a 200 px grid (sanity check)": [s for s in scored if s.truth.kind == "mosaic"]}
-    print(f"\n## Tiled inference on frames from the test split ({model.name})\n")
+    print(f"\n## Tiled inference on frames from the {args.split} split ({model.name})\n")
     print(f"- model: image size {meta['image_size']}, normalization {meta.get('normalization')}, threshold "
           f"{meta['threshold']:.4f}; infer.py defaults + --save-heatmaps {' '.join(args.infer_args)}; "
           f"{run.wall_s:.0f} s, peak RSS {run.peak_rss_mib:.0f} MiB")
-    print(f"- data: {info['data_dir']}, test split: {info['n_test']} images ({info['n_scratch_sources']} annotated "
+    print(f"- data: {info['data_dir']}, {args.split} split: {info['n_test']} images ({info['n_scratch_sources']} annotated "
           f"scratches, {info['n_clean_sources']} others)")
     print(f"- continuous frames ({args.background} backgrounds, scratches planted by {args.plant}, seed "
           f"{args.seed}): sizes "
@@ -517,7 +521,7 @@ def early_late_rss(timeline: list[tuple[float, int]]) -> str:
 
 
 def speed_bench(args, model: Path, info: dict, work: Path) -> None:
-    """images/s on the test split's 200 x 200 images vs tiles/s on 1000 x 1000 frames; peak RSS of one
+    """images/s on the split's 200 x 200 images vs tiles/s on 1000 x 1000 frames; peak RSS of one
     20000 x 2000 strip and of folders of few and many large frames (symlinks to --distinct frames)."""
     [strip_truth] = info["truths"]
     runs = []
@@ -558,6 +562,9 @@ def parse_args(argv=None):
     p = bench_parser(__doc__)
     p.add_argument("--clean", type=int, default=12, help="clean continuous frames (default: %(default)s)")
     p.add_argument("--scratch", type=int, default=12, help="continuous frames with scratches (default: %(default)s)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="the split the frames are built from: val to choose a setting, test to report it once "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="which images go where (default: %(default)s)")
     p.add_argument("--background", choices=["quilt", "mirror"], default="quilt",
                    help="continuous backgrounds by image quilting, or by mirror tiling (default: %(default)s)")
