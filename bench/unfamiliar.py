@@ -446,7 +446,7 @@ def main(argv=None) -> int:
     def share(flagged, n):
         return f"{flagged} / {n} ({flagged / n:.1%})"
     print(markdown_table(["score", "cut-off", "NEU test flagged",
-                          *[h for which in sets for h in (f"{SET_NAMES[which]} flagged", f"AUROC test vs {which}")]],
+                          *[h for which in sets for h in (f"{SET_NAMES[which]} flagged", f"AUROC, NEU test vs {SET_NAMES[which]}")]],
                          [[LABELS.get(c, c).format(layer=stats["layer"]), f"{cutoffs[c]:.3f}",
                            share(f["test_flagged"], f["n_test"]),
                            *[cell for which in sets for cell in (share(f[f"{which}_flagged"], f[f"n_{which}"]),
