@@ -38,3 +38,19 @@ def test_clone_fits_the_levels_to_the_frame_around_it():
     row = frame[150]
     assert abs(row[40 + 25:40 + 35].mean() - 100) < 5
     assert abs(row[40 + 47:40 + 53].mean() - 220) < 10
+
+
+def test_quilting_survives_a_best_match_rounded_below_zero(monkeypatch):
+    """OpenCV's masked squared-difference sums can round to just below 0 for a near-perfect match (seen on a
+    validation background): quilt() must still find candidate blocks, not crash on an empty choice."""
+    real = frames.cv2.matchTemplate
+
+    def rounded_below_zero(*args, **kwargs):
+        error = real(*args, **kwargs)
+        return error - error.min() - 4.0  # the best match now reads -4, as float rounding can leave it
+    monkeypatch.setattr(frames.cv2, "matchTemplate", rounded_below_zero)
+    rng = np.random.default_rng(0)
+    source = rng.normal(120, 20, (200, 200)).astype(np.float32)
+    out = frames.quilt(source, 260, 330, np.random.default_rng(1))
+    assert out.shape == (260, 330)
+    assert source.min() <= out.min() and out.max() <= source.max()  # every pixel comes from the source
