@@ -200,7 +200,8 @@ class Truth:
 
 
 class Sources:
-    """The split's images (test unless --split val), drawn in a seeded shuffled order (cycling when a set needs more)."""
+    """The split's images (test unless --split val), drawn in a seeded shuffled order (cycling when a set needs
+    more)."""
 
     def __init__(self, samples, annotations, seed: int, background: str = "quilt", planting: str = "clone"):
         import dataset
@@ -325,8 +326,8 @@ def build_worker(args) -> int:
 
 def build(args, work: Path) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--build-worker", "--work", str(work),
-               "--model", str(args.model), "--split", args.split, "--seed", str(args.seed), "--background", args.background,
-               "--plant", args.plant,
+               "--model", str(args.model), "--split", args.split, "--seed", str(args.seed),
+               "--background", args.background, "--plant", args.plant,
                "--clean", str(args.clean), "--scratch", str(args.scratch), "--small", str(args.small),
                "--distinct", str(args.distinct), "--many", str(args.many)]
     command += (["--data-dir", str(args.data_dir)] if args.data_dir else []) + (["--speed"] if args.speed else [])
@@ -465,8 +466,8 @@ def accuracy_bench(args, model: Path, info: dict, work: Path) -> None:
     print(f"- model: image size {meta['image_size']}, normalization {meta.get('normalization')}, threshold "
           f"{meta['threshold']:.4f}; infer.py defaults + --save-heatmaps {' '.join(args.infer_args)}; "
           f"{run.wall_s:.0f} s, peak RSS {run.peak_rss_mib:.0f} MiB")
-    print(f"- data: {info['data_dir']}, {args.split} split: {info['n_test']} images ({info['n_scratch_sources']} annotated "
-          f"scratches, {info['n_clean_sources']} others)")
+    print(f"- data: {info['data_dir']}, {args.split} split: {info['n_test']} images "
+          f"({info['n_scratch_sources']} annotated scratches, {info['n_clean_sources']} others)")
     print(f"- continuous frames ({args.background} backgrounds, scratches planted by {args.plant}, seed "
           f"{args.seed}): sizes "
           f"{', '.join(f'{w}x{h}' for h, w in SIZES)} (W x H) in turn; scratch frames hold 1, 2, 3 scratches in "

@@ -13,8 +13,9 @@ candidate's cut-off is at the same validation quantile (the shipped score's: val
      non-steel. The non-steel set (NON_STEEL below) is the pictures that ship inside scikit-image and
      matplotlib (each named with its source) and synthetic images made here (noise, flat grey, gradients,
      text, checkerboards ...); two held-out sets (NON_STEEL_HELD_OUT, NON_STEEL_SECOND) were each assembled
-     after the score was chosen and before anything was scored on them. Each goes through infer.py's own decoding: an image larger than a NEU tile is
-     tiled, and is unfamiliar when most of its tiles are (the median tile score);
+     after the score was chosen and before anything was scored on them. Each image goes through infer.py's
+     own decoding: one larger than a NEU tile is tiled, and is unfamiliar when most of its tiles are (the
+     median tile score);
   3. the share of NEU test images flagged under each camera change of bench/robustness.py, beside that row's
      accuracy and recall;
   4. calibration: the expected calibration error of p(defect) on the validation and test splits, without and
@@ -212,7 +213,6 @@ NON_STEEL_HELD_OUT = {
 }
 
 
-
 def _sklearn_photo(file: str):
     def load():
         from sklearn.datasets import load_sample_image
@@ -271,8 +271,10 @@ def _pattern(kind: str) -> np.ndarray:
     if kind == "hatching":
         angle = np.deg2rad(30)
         return np.where((x * np.cos(angle) + y * np.sin(angle)) % 10 < 1.2, 40, 200).astype(np.uint8)
-    c, z, inside = (x / 199 * 3 - 2.2) + 1j * (y / 199 * 2.6 - 1.3), np.zeros((200, 200), complex), np.zeros((200, 200))
-    for _ in range(60):  # the Mandelbrot set: iterations before escape
+    # the Mandelbrot set: iterations before escape
+    c = (x / 199 * 3 - 2.2) + 1j * (y / 199 * 2.6 - 1.3)
+    z, inside = np.zeros((200, 200), complex), np.zeros((200, 200))
+    for _ in range(60):
         z = np.where(np.abs(z) < 2, z * z + c, z)
         inside += np.abs(z) < 2
     return _scaled(inside)
@@ -300,8 +302,10 @@ NON_STEEL_SECOND = {
         ("mandelbrot", "the Mandelbrot set, escape counts"))},
 }
 
+
 def write_non_steel(folder: Path, images: dict = NON_STEEL) -> list[tuple[str, str, Path]]:
-    """Each image of `images` (NON_STEEL, NON_STEEL_HELD_OUT, NON_STEEL_SECOND) as a PNG in `folder` -> (name, source, path)."""
+    """Each image of `images` (NON_STEEL, NON_STEEL_HELD_OUT, NON_STEEL_SECOND) as a PNG in `folder`
+    -> (name, source, path)."""
     made = []
     for name, (source, load) in images.items():
         array = np.asarray(load())
@@ -446,7 +450,8 @@ def main(argv=None) -> int:
     def share(flagged, n):
         return f"{flagged} / {n} ({flagged / n:.1%})"
     print(markdown_table(["score", "cut-off", "NEU test flagged",
-                          *[h for which in sets for h in (f"{SET_NAMES[which]} flagged", f"AUROC, NEU test vs {SET_NAMES[which]}")]],
+                          *[h for which in sets
+                            for h in (f"{SET_NAMES[which]} flagged", f"AUROC, NEU test vs {SET_NAMES[which]}")]],
                          [[LABELS.get(c, c).format(layer=stats["layer"]), f"{cutoffs[c]:.3f}",
                            share(f["test_flagged"], f["n_test"]),
                            *[cell for which in sets for cell in (share(f[f"{which}_flagged"], f[f"n_{which}"]),
