@@ -316,7 +316,7 @@ def build_worker(args) -> int:
         truths = build_speed_inputs(sources, samples, work, args.small, args.distinct, [args.distinct, args.many])
     else:
         truths = build_accuracy_frames(sources, work / "frames", args.clean, args.scratch)
-    info = {"data_dir": str(data_dir), "n_test": len(samples), "n_scratch_sources": len(sources.scratches),
+    info = {"data_dir": str(data_dir), "n_images": len(samples), "n_scratch_sources": len(sources.scratches),
             "n_clean_sources": sum(map(len, sources.clean.values())),
             "model": {k: meta.get(k) for k in ("image_size", "normalization", "threshold")},
             "truths": [asdict(t) for t in truths]}
@@ -466,7 +466,7 @@ def accuracy_bench(args, model: Path, info: dict, work: Path) -> None:
     print(f"- model: image size {meta['image_size']}, normalization {meta.get('normalization')}, threshold "
           f"{meta['threshold']:.4f}; infer.py defaults + --save-heatmaps {' '.join(args.infer_args)}; "
           f"{run.wall_s:.0f} s, peak RSS {run.peak_rss_mib:.0f} MiB")
-    print(f"- data: {info['data_dir']}, {args.split} split: {info['n_test']} images "
+    print(f"- data: {info['data_dir']}, {args.split} split: {info['n_images']} images "
           f"({info['n_scratch_sources']} annotated scratches, {info['n_clean_sources']} others)")
     print(f"- continuous frames ({args.background} backgrounds, scratches planted by {args.plant}, seed "
           f"{args.seed}): sizes "

@@ -301,6 +301,9 @@ NON_STEEL_SECOND = {
         ("hatching", "dark 1 px lines every 10 px at 30 degrees on light grey"),
         ("mandelbrot", "the Mandelbrot set, escape counts"))},
 }
+# key (in figures and the JSON) -> (name in the tables, images)
+NON_STEEL_SETS = {"non_steel": ("non-steel", NON_STEEL), "held_out": ("held-out non-steel", NON_STEEL_HELD_OUT),
+                  "second": ("second held-out non-steel", NON_STEEL_SECOND)}
 
 
 def write_non_steel(folder: Path, images: dict = NON_STEEL) -> list[tuple[str, str, Path]]:
@@ -320,7 +323,6 @@ def write_non_steel(folder: Path, images: dict = NON_STEEL) -> list[tuple[str, s
 # ---------------------------------------------------------------------------------------------------------
 # Scores
 # ---------------------------------------------------------------------------------------------------------
-SET_NAMES = {"non_steel": "non-steel", "held_out": "held-out non-steel", "second": "second held-out non-steel"}
 POOLED = "avgpool"  # the 1280-d vector the head reads: the candidate the issue proposed
 CANDIDATES = ("shipped", "features_only", "pooled_1280", "energy", "max_softmax")
 LABELS = {"shipped": "shipped: Mahalanobis {layer} + pixel statistics, camera-changed copies",
@@ -404,11 +406,11 @@ def main(argv=None) -> int:
     cutoffs.update(shipped=float(stats["cutoff"]), pooled_1280=float(fitted["pooled_1280"]["cutoff"]),
                    features_only=float(fitted["features_only"]["cutoff"]))
 
-    sets = {"non_steel": NON_STEEL, "held_out": NON_STEEL_HELD_OUT, "second": NON_STEEL_SECOND}
     with tempfile.TemporaryDirectory() as tmp:
         others = {which: [(name, source, file_scores(model, meta, stats, fitted, path, device))
                           for name, source, path in write_non_steel(Path(tmp), images)]
-                  for which, images in sets.items()}
+                  for which, (_, images) in NON_STEEL_SETS.items()}
+    set_names = {which: name for which, (name, _) in NON_STEEL_SETS.items()}
 
     figures = {"model": args.model, "notes": notes, "cutoffs": cutoffs, "candidates": {}}
     for c in CANDIDATES:
@@ -445,21 +447,21 @@ def main(argv=None) -> int:
     for note in notes:
         print(f"- NOTE: {note}")
     print(f"- familiarity cut-off: validation quantile {stats['quantile']}; "
-          + "; ".join(f"{SET_NAMES[which]} set: {len(others[which])} images" for which in sets) + "\n")
+          + "; ".join(f"{set_names[which]} set: {len(others[which])} images" for which in others) + "\n")
 
     def share(flagged, n):
         return f"{flagged} / {n} ({flagged / n:.1%})"
     print(markdown_table(["score", "cut-off", "NEU test flagged",
-                          *[h for which in sets
-                            for h in (f"{SET_NAMES[which]} flagged", f"AUROC, NEU test vs {SET_NAMES[which]}")]],
+                          *[h for which in others
+                            for h in (f"{set_names[which]} flagged", f"AUROC, NEU test vs {set_names[which]}")]],
                          [[LABELS.get(c, c).format(layer=stats["layer"]), f"{cutoffs[c]:.3f}",
                            share(f["test_flagged"], f["n_test"]),
-                           *[cell for which in sets for cell in (share(f[f"{which}_flagged"], f[f"n_{which}"]),
+                           *[cell for which in others for cell in (share(f[f"{which}_flagged"], f[f"n_{which}"]),
                                                                  f"{f[f'{which}_auroc']:.4f}")]]
                           for c, f in figures["candidates"].items()]))
-    for which in sets:
+    for which in others:
         print()
-        print(markdown_table([f"{SET_NAMES[which]} image", "source", "tiles",
+        print(markdown_table([f"{set_names[which]} image", "source", "tiles",
                               "score", "flagged", "features alone", "p(defect)"],
                              [[r["name"], r["source"], r["tiles"], f"{r['shipped']:.1f}",
                                "yes" if r["flagged"] else "**no**",
