@@ -15,8 +15,8 @@ The augmentation policy (--augment) is scratch_detector/augment.py.
 
 Fine-tuning (--init, --labels, --replay; scratch_detector/finetune.py): starts from a trained checkpoint instead
 of ImageNet, trains on a labelled list (the review page's labels.csv) split like NEU, mixes in NEU images from the
-starting model's own training split so nothing is forgotten, and ends with the old and the new model side by side
-on the labelled images neither trained on.
+starting model's own training split so nothing is forgotten, averages part of the starting weights back in
+(--start-weight), and ends with the old and the new model side by side on the labelled images neither trained on.
 """
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--replay", metavar="NEU_DIR", help="with --labels: mix in NEU images from this NEU copy (the "
                    f"starting model's training split; {finetune.REPLAY_PER_IMAGE} per labelled training image, at "
                    f"least {finetune.REPLAY_MIN}) so the model keeps what it knew")
+    p.add_argument("--start-weight", type=float, metavar="SHARE", help="with --init: at the end, average this "
+                   "share of the starting model's weights back into the fine-tuned ones, so that a few labelled "
+                   f"images do not pull it too far from what it knew (0 = off; default: "
+                   f"{finetune.FINETUNE_DEFAULTS['start_weight']})")
     p.add_argument("--output", help="checkpoint to write (default: model_binary.pth; with --init, model_finetuned.pth)")
     p.add_argument("--reports", default="outputs", help="folder for splits.csv, training_log.csv, "
                    "training_curves.png (default: %(default)s)")
@@ -105,8 +109,10 @@ def parse_args(argv=None):
                    help="use only the first N images of each class (quick runs and tests; 0 = all)")
     args = p.parse_args(argv)
     defaults = {**DEFAULTS, **(finetune.FINETUNE_DEFAULTS if args.init else {})}
-    for key in ("epochs", "lr") + (() if args.init else ("image_size", "normalization")):  # --init: its own
-        if getattr(args, key) is None:
+    if args.start_weight is not None and not args.init:
+        p.error("--start-weight averages the --init model back in: it needs --init")
+    for key in ("epochs", "lr") + (("start_weight",) if args.init else ("image_size", "normalization")):
+        if getattr(args, key) is None:  # --init: the image size and normalization are the checkpoint's own
             setattr(args, key, defaults[key])
     if args.output is None:
         args.output = "model_finetuned.pth" if args.init else "model_binary.pth"
@@ -122,6 +128,8 @@ def parse_args(argv=None):
         p.error("--epochs and --batch-size must be >= 1, --image-size >= 32, --lr > 0")
     if args.cv_fold and not 0 <= args.cv_fold[0] < args.cv_fold[1]:
         p.error("--cv-fold K N needs 0 <= K < N")
+    if args.init and not 0 <= args.start_weight <= 1:
+        p.error("--start-weight must be between 0 and 1")
     if args.explain_weight < 0 or args.explain_every < 1:
         p.error("--explain-weight must be >= 0 and --explain-every >= 1")
     args.augment = tuple(a.strip() for a in args.augment.split(",") if a.strip() not in ("", "none"))
@@ -314,6 +322,7 @@ def main(argv=None) -> int:
     init_meta = None
     if args.init:
         model, init, init_meta = model_from_checkpoint(args.init)
+        start_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
         for key in ("image_size", "normalization"):
             if getattr(args, key) not in (None, init_meta[key]):
                 raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from {args.init}'s "
@@ -380,6 +389,9 @@ def main(argv=None) -> int:
     # p, and the familiarity statistics (training images and camera-changed copies; cut-off from validation).
     if capture is not None:
         capture.remove()
+    if args.init and args.start_weight > 0:
+        finetune.blend_with_start(model, start_state, args.start_weight)
+        print(f"averaged {args.start_weight:g} of {Path(args.init).name}'s weights back in (--start-weight)")
     fitted = fit_after_training(model, pixels["train"], [s.neu_class for s in splits["train"]], pixels["val"],
                                 labels["val"], args.normalization, 2 * args.batch_size, device, args.seed)
     threshold, temperature, val = fitted["threshold"], fitted["temperature"], fitted["val_metrics"]
@@ -408,7 +420,8 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "hyperparameters": {**{k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "max_per_class",
                                                              "explain_weight", "explain_layer", "explain_every")},
-                            "augment": list(args.augment)},
+                            "augment": list(args.augment),
+                            **({"start_weight": args.start_weight} if args.init else {})},
         "data": {"layout": data["layout"], "n_images": len(data["samples"]),
                  **({"labels": str(args.labels), "data_dir": str(data["data_dir"])} if args.labels else {}),
                  **({"replay": str(args.replay), "n_replay_train": len(splits["train"]) - own_train,

@@ -1,6 +1,7 @@
 """Fine-tuning on a user's own labelled images (train.py --init CHECKPOINT --labels labels.csv --replay NEU):
-which NEU images are mixed in so the model keeps what it knew, how a small validation split is topped up, and
-the before/after table train.py prints on the user's held-out images.
+which NEU images are mixed in so the model keeps what it knew, how a small validation split is topped up, how much
+of the starting model is averaged back in at the end, and the before/after table train.py prints on the user's
+held-out images.
 
 Replay: REPLAY_PER_IMAGE NEU training images per labelled training image, and at least REPLAY_MIN. One to one
 makes every batch about half the new line and half NEU, so each update is pulled back towards what the model
@@ -26,8 +27,21 @@ REPLAY_MIN = 64
 # images, NEU validation images (from the replay folder) make up the difference.
 MIN_VALIDATION = 60
 # What --init changes in train.py's defaults: fewer epochs (a minute on 2 cores for 80 labelled images and their
-# replay). Chosen on the new line's validation split (bench/README.md, "Your own line").
-FINETUNE_DEFAULTS = dict(epochs=3, lr=1e-3)
+# replay), and a quarter of the starting weights averaged back in at the end (blend_with_start). Chosen on the new
+# line's validation split (bench/README.md, "Your own line").
+FINETUNE_DEFAULTS = dict(epochs=3, lr=1e-3, start_weight=0.25)
+
+
+def blend_with_start(model: torch.nn.Module, start_state: dict, start_weight: float) -> None:
+    """Average the starting model back into the fine-tuned one, in place: start_weight x start + (1 - start_weight)
+    x fine-tuned, for every parameter and BatchNorm statistic (counters stay the fine-tune's). Why (WiSE-FT,
+    Wortsman et al. 2022): the two models sit in one basin, and the average keeps most of what the fine-tune
+    learned about the new line while undoing much of what it forgot of NEU; a few labelled images pull the
+    weights further than they can justify."""
+    blended = {name: start_weight * start_state[name].to(value.dtype) + (1 - start_weight) * value
+               if value.is_floating_point() else value
+               for name, value in model.state_dict().items()}
+    model.load_state_dict(blended)
 
 
 def spread_pick(samples: list, count: int, rng: np.random.Generator) -> list:

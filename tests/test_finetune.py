@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import dataset
+import train
 from conftest import run_script, save_image
 from scratch_detector import finetune
 from scratch_detector.model import load_checkpoint
@@ -75,6 +77,9 @@ def test_finetune_starts_from_the_given_weights_and_records_where_it_started(sta
     assert max((tuned_weights[n] - start_weights[n]).abs().max().item() for n in convs) < 1e-5
     assert meta["neu_split"]["test_digest"] == start_meta["split"]["test_digest"]
     assert meta["data"]["layout"] == "labels" and meta["data"]["n_replay_train"] > 0
+    # the default share of the start averaged back in, applied and recorded
+    assert meta["hyperparameters"]["start_weight"] == finetune.FINETUNE_DEFAULTS["start_weight"] > 0
+    assert f"averaged {finetune.FINETUNE_DEFAULTS['start_weight']:g} of start.pth's weights back in" in stdout
 
 
 def test_finetune_splits_the_labelled_images_and_mixes_in_neu_training_images_only(start_model, finetuned, neu_dir):
@@ -181,3 +186,43 @@ def test_replay_draws_evenly_over_classes_from_the_recorded_split():
     assert len(finetune.spread_pick(samples[:5], 14, rng)) == 5  # never more than there are
     assert finetune.replay_counts(10, 5) == (finetune.REPLAY_MIN, finetune.MIN_VALIDATION - 5)
     assert finetune.replay_counts(500, 100) == (500 * finetune.REPLAY_PER_IMAGE, 0)
+
+
+def two_small_models():
+    """(start, tuned): one small conv + BatchNorm net with two different sets of weights and running statistics."""
+    torch.manual_seed(0)
+    start, tuned = (torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)) for _ in range(2))
+    for model, batches in ((start, 2), (tuned, 5)):  # different BatchNorm statistics and batch counters
+        model.train()
+        for _ in range(batches):
+            model(torch.randn(2, 3, 8, 8) * batches)
+    with torch.no_grad():  # as if trained: BatchNorm's scale and shift move too
+        for parameter in tuned.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    return start, tuned
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 1.0])
+def test_blend_with_start_averages_weights_and_batchnorm_statistics(share):
+    start, tuned = two_small_models()
+    start_state = {k: v.clone() for k, v in start.state_dict().items()}
+    tuned_state = {k: v.clone() for k, v in tuned.state_dict().items()}
+    finetune.blend_with_start(tuned, start_state, share)
+    blended = tuned.state_dict()
+    for name, value in blended.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, share * start_state[name] + (1 - share) * tuned_state[name], atol=1e-7)
+            assert not torch.equal(start_state[name], tuned_state[name])  # the two really differ
+        else:  # BatchNorm's counter stays the fine-tune's
+            assert torch.equal(value, tuned_state[name])
+    ends = {0.0: tuned_state, 1.0: start_state}
+    if share in ends:  # the ends are the models themselves, exactly
+        assert all(torch.equal(v, ends[share][n]) for n, v in blended.items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("argv, message", [(["--start-weight", "0.5"], "it needs --init"),
+                                          (["--init", "m.pth", "--start-weight", "1.5"], "between 0 and 1")])
+def test_start_weight_is_checked(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
