@@ -114,6 +114,8 @@ def parse_args(argv=None):
     for key in ("epochs", "lr") + (("start_weight",) if args.init else ("image_size", "normalization")):
         if getattr(args, key) is None:  # --init: the image size and normalization are the checkpoint's own
             setattr(args, key, defaults[key])
+    if args.init and not 0 <= args.start_weight <= 1:
+        p.error("--start-weight must be between 0 and 1")
     if args.output is None:
         args.output = "model_finetuned.pth" if args.init else "model_binary.pth"
     if args.test_images is None:
@@ -128,8 +130,6 @@ def parse_args(argv=None):
         p.error("--epochs and --batch-size must be >= 1, --image-size >= 32, --lr > 0")
     if args.cv_fold and not 0 <= args.cv_fold[0] < args.cv_fold[1]:
         p.error("--cv-fold K N needs 0 <= K < N")
-    if args.init and not 0 <= args.start_weight <= 1:
-        p.error("--start-weight must be between 0 and 1")
     if args.explain_weight < 0 or args.explain_every < 1:
         p.error("--explain-weight must be >= 0 and --explain-every >= 1")
     args.augment = tuple(a.strip() for a in args.augment.split(",") if a.strip() not in ("", "none"))
