@@ -319,10 +319,11 @@ def main(argv=None) -> int:
     ensure_writable_dir(output.parent if str(output.parent) else Path("."), "the checkpoint folder")
     reports = ensure_writable_dir(args.reports, "the reports folder")
 
-    init_meta = None
+    init_meta = start_state = None
     if args.init:
         model, init, init_meta = model_from_checkpoint(args.init)
-        start_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        if args.start_weight > 0:  # kept only to be averaged back in at the end
+            start_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
         for key in ("image_size", "normalization"):
             if getattr(args, key) not in (None, init_meta[key]):
                 raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from {args.init}'s "
@@ -389,7 +390,7 @@ def main(argv=None) -> int:
     # p, and the familiarity statistics (training images and camera-changed copies; cut-off from validation).
     if capture is not None:
         capture.remove()
-    if args.init and args.start_weight > 0:
+    if start_state is not None:
         finetune.blend_with_start(model, start_state, args.start_weight)
         print(f"averaged {args.start_weight:g} of {Path(args.init).name}'s weights back in (--start-weight)")
     fitted = fit_after_training(model, pixels["train"], [s.neu_class for s in splits["train"]], pixels["val"],
