@@ -15,6 +15,13 @@ prints only the model-only rate: what infer.py's model streams do alone (forward
 NEU images decoded in advance, with the streams and batch size infer.py fits on this machine: the ceiling that
 `python bench/infer_speed.py --model-only` measures infer.py's whole-process rate against.
 
+    python bench/profile_parts.py --fits
+
+prints only the time of what train.py fits after its last epoch (posthoc.fit_after_training: temperature,
+threshold, familiarity statistics of the training and validation images and their copies), on the committed
+model and its own splits, twice each, alternating: with the familiarity features read from passes stopped at
+their layer (train.py now) and from whole passes (before), and checks that both fit the same statistics.
+
     python bench/profile_parts.py --training-memory
 
 prints only the peak resident memory of train.py's training step (with and without the heatmap loss) and of
@@ -39,10 +46,11 @@ import torch.nn.functional as F  # noqa: E402
 
 import dataset  # noqa: E402
 from gradcam import GradCAM  # noqa: E402
-from scratch_detector import explain_loss  # noqa: E402
+from scratch_detector import explain_loss, familiarity, posthoc  # noqa: E402
+from scratch_detector.evaluation import select_samples  # noqa: E402
 from scratch_detector.engines.local import ModelStreams  # noqa: E402
 from scratch_detector.memory import fit_memory  # noqa: E402
-from scratch_detector.model import build_model, fold_batchnorm, load_checkpoint  # noqa: E402
+from scratch_detector.model import build_model, fold_batchnorm, load_checkpoint, predict_logits  # noqa: E402
 from scratch_detector.overlay import encode_overlay, render_overlay  # noqa: E402
 from scratch_detector.pipeline import Decoded  # noqa: E402
 from scratch_detector.settings import DEFAULT_CAM, DEFAULT_CAM_LAYER  # noqa: E402
@@ -172,12 +180,50 @@ def model_only_rate(model_path, data_dir, images: int, rounds: int = 3) -> tuple
         runner.close()
 
 
+def fit_times(model_path, data_dir, rounds: int = 2) -> list[str]:
+    """Seconds of posthoc.fit_after_training on the checkpoint's own training and validation images, with the
+    familiarity features from stopped passes (predict_features, train.py's) and from whole passes
+    (predict_logits with features_at, the code before), alternating; the two must fit identical statistics."""
+    model, meta = load_checkpoint(model_path)
+    data_dir = default_data_dir(data_dir)
+    split = {name: select_samples(data_dir, meta, name)[0] for name in ("train", "val")}
+    pixels = {name: torch.from_numpy(dataset.load_pixels(items, int(meta["image_size"]), progress=False))
+              for name, items in split.items()}
+    stopped = posthoc.predict_features
+
+    def whole(net, batch, normalization, batch_size, device, layer):
+        return predict_logits(net, batch, normalization, batch_size, device, layer)[1]
+    seconds, cutoffs = {}, {}
+    try:
+        for _ in range(rounds):
+            for name, features in (("passes stopped at the layer (train.py)", stopped),
+                                   ("whole passes (before)", whole)):
+                posthoc.predict_features = features
+                start = time.perf_counter()
+                fitted = posthoc.fit_after_training(model, pixels["train"], [s.neu_class for s in split["train"]],
+                                                    pixels["val"], dataset.labels_of(split["val"]),
+                                                    meta["normalization"], 32, "cpu", int(meta.get("seed") or 0))
+                seconds.setdefault(name, []).append(time.perf_counter() - start)
+                cutoffs.setdefault(name, set()).add(fitted["familiarity"]["cutoff"])
+    finally:
+        posthoc.predict_features = stopped
+    same = len(set.union(*cutoffs.values())) == 1
+    lines = [f"\n## train.py's fits after the last epoch ({len(split['train'])} training and {len(split['val'])} "
+             f"validation images, {familiarity.COPIES} copies each; seconds, {rounds} rounds alternating)"]
+    lines += [f"- familiarity features from {name}: {', '.join(f'{t:.1f}' for t in times)}"
+              for name, times in seconds.items()]
+    lines.append(f"- the same statistics both ways: {'yes' if same else 'NO'} (cut-off "
+                 f"{', '.join(f'{c:.6f}' for c in sorted(set.union(*cutoffs.values())))})")
+    return lines
+
+
 def main(argv=None) -> int:
     p = bench_parser(__doc__)
     p.add_argument("--training-only", action="store_true", help="time the training steps only")
     p.add_argument("--model-only", action="store_true", help="print only the model-only rate (see above)")
     p.add_argument("--images", type=int, default=300, help="--model-only: images per pass (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="--model-only: timed passes (default: %(default)s)")
+    p.add_argument("--fits", action="store_true", help="time only train.py's fits after the last epoch (see above)")
     p.add_argument("--training-memory", action="store_true",
                    help="peak resident memory of train.py's training step and smaller ones, one process each")
     p.add_argument("--memory-step", nargs=3, type=int, help=argparse.SUPPRESS)  # the child of --training-memory
@@ -192,6 +238,10 @@ def main(argv=None) -> int:
         print("\n".join(machine_lines()))
         print("\n## Training step memory (200 px, channels_last, AdamW; random init, random input)")
         print("\n".join(training_memory()))
+        return 0
+    if args.fits:
+        print("\n".join(machine_lines()))
+        print("\n".join(fit_times(args.model, args.data_dir)))
         return 0
     if args.model_only:
         rate, how = model_only_rate(args.model, args.data_dir, args.images, args.rounds)

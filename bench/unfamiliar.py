@@ -46,7 +46,7 @@ from scratch_detector import familiarity  # noqa: E402
 from scratch_detector.calibration import apply_temperature, calibration_summary  # noqa: E402
 from scratch_detector.evaluation import select_samples  # noqa: E402
 from scratch_detector.metrics import binary_metrics, roc_auc  # noqa: E402
-from scratch_detector.model import load_checkpoint, pick_device, predict_logits  # noqa: E402
+from scratch_detector.model import load_checkpoint, pick_device, predict_features, predict_logits  # noqa: E402
 from scratch_detector.pipeline import decode_units  # noqa: E402
 from scratch_detector.posthoc import fit_after_training  # noqa: E402
 from scratch_detector.settings import Plan  # noqa: E402
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
 
     stats, notes = meta.get("familiarity"), []
     def features_of(pixels_):
-        return predict_logits(model, pixels_, meta["normalization"], 64, device, familiarity.LAYER)[1]
+        return predict_features(model, pixels_, meta["normalization"], 64, device, familiarity.LAYER)
     train_classes, seed = [s.neu_class for s in split["train"]], int(meta.get("seed") or 0)
     if stats is None:  # an older checkpoint: fit what train.py now fits, from its own splits, as train.py does
         fitted = fit_after_training(model, pixels["train"], train_classes, pixels["val"], labels["val"],

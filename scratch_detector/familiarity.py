@@ -39,15 +39,24 @@ PIXEL_STATISTICS = ("log spread", "log roughness at 1 px", "log roughness at 4 p
 ROUGHNESS_LAGS = (1, 4)
 
 
-class FeatureTap:
-    """Keeps the mean-pooled output (B, C) of one layer from the model's latest forward pass (a forward hook)."""
+class StopForward(Exception):
+    """Raised by a FeatureTap with stop=True once it holds the layer's output: the rest of the pass is not needed."""
 
-    def __init__(self, model: nn.Module, layer: str = LAYER):
+
+class FeatureTap:
+    """Keeps the mean-pooled output (B, C) of one layer from the model's latest forward pass (a forward hook).
+    stop=True ends the pass there (StopForward): fitting the statistics needs no logits, and the layers after
+    LAYER are most of the network's work."""
+
+    def __init__(self, model: nn.Module, layer: str = LAYER, stop: bool = False):
         self.features: torch.Tensor | None = None
+        self.stop = stop
         self.handle = model.get_submodule(layer).register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
         self.features = output.detach().float().mean((2, 3))
+        if self.stop:
+            raise StopForward
 
     def take(self) -> torch.Tensor:
         features, self.features = self.features, None

@@ -371,6 +371,26 @@ def predict_logits(model: nn.Module, pixels: torch.Tensor, normalization: str, b
     return torch.cat(logits), (torch.cat(features) if features else None)
 
 
+@torch.no_grad()
+def predict_features(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int, device,
+                     layer: str) -> torch.Tensor:
+    """The mean-pooled output of `layer` (N, C) for each uint8 (N, S, S, 3) image, in batches, each pass stopped
+    at that layer: the same values predict_logits(..., features_at=layer) gives, for the work up to the layer."""
+    model.eval()
+    tap = familiarity.FeatureTap(model, layer, stop=True)
+    features = []
+    try:
+        for start in range(0, len(pixels), batch_size):
+            try:
+                model(normalize(pixels[start:start + batch_size], normalization).to(device))
+            except familiarity.StopForward:
+                pass
+            features.append(tap.take().cpu())
+    finally:
+        tap.remove()
+    return torch.cat(features) if features else torch.empty(0, 0)
+
+
 def predict_probabilities(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int,
                           device) -> torch.Tensor:
     """Defect probability for each uint8 (N, S, S, 3) image, in order, in batches."""

@@ -10,7 +10,7 @@ import torch
 from . import familiarity
 from .calibration import fit_temperature
 from .metrics import binary_metrics, choose_threshold
-from .model import predict_logits
+from .model import predict_features, predict_logits
 
 
 def fit_after_training(model, train_pixels: torch.Tensor, train_classes, val_pixels: torch.Tensor, val_labels,
@@ -18,7 +18,7 @@ def fit_after_training(model, train_pixels: torch.Tensor, train_classes, val_pix
     """-> {temperature, threshold, val_probabilities (calibrated), val_metrics (at the threshold), familiarity}.
     The model's own logits are not changed: load_checkpoint applies the temperature when it reads the file."""
     def features_of(pixels):
-        return predict_logits(model, pixels, normalization, batch_size, device, familiarity.LAYER)[1]
+        return predict_features(model, pixels, normalization, batch_size, device, familiarity.LAYER)
 
     val_logits = predict_logits(model, val_pixels, normalization, batch_size, device)[0]
     temperature = fit_temperature(val_logits, val_labels)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
 from scratch_detector import familiarity  # noqa: E402
-from scratch_detector.model import build_model, predict_logits, save_checkpoint  # noqa: E402
+from scratch_detector.model import build_model, predict_features, save_checkpoint  # noqa: E402
 
 
 def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -165,7 +165,7 @@ def familiar_checkpoint(tmp_path_factory):
     net, init = random_model_with_spread(7, "per-image")
 
     def features_of(pixels):
-        return predict_logits(net, pixels, "per-image", 16, "cpu", familiarity.LAYER)[1]
+        return predict_features(net, pixels, "per-image", 16, "cpu", familiarity.LAYER)
     stats = familiarity.fit_model(features_of, torch.from_numpy(steel_like_batch(range(60))),
                                   np.tile(["plain", "scratch"], 60), torch.from_numpy(steel_like_batch(range(60, 100))))
     path = tmp_path_factory.mktemp("familiar") / "familiar.pth"

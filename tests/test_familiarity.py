@@ -16,7 +16,7 @@ import dataset
 from scratch_detector import familiarity
 from scratch_detector.calibration import (apply_temperature, expected_calibration_error, fit_temperature,
                                           reliability_table)
-from scratch_detector.model import load_checkpoint, predict_logits
+from scratch_detector.model import load_checkpoint, predict_features, predict_logits
 
 
 def far_away_image(size: int = 64) -> np.ndarray:
@@ -88,6 +88,24 @@ def test_statistics_from_the_model_flag_a_far_away_input_and_not_a_training_like
         scores = familiarity.unfamiliarity(features, pixels, stats)
         verdicts = [familiarity.is_familiar(float(v), stats["cutoff"]) for v in scores]
         assert verdicts == [familiar] * len(pixels), (familiar, scores, stats["cutoff"])
+
+
+def test_the_fit_reads_the_same_features_from_a_pass_stopped_at_the_layer(familiar_checkpoint):
+    """train.py fits the statistics from predict_features, which stops each pass at LAYER; inference reads them
+    from the whole pass. The two must agree exactly, and the stopped pass must not reach the head."""
+    model, _ = load_checkpoint(familiar_checkpoint)
+    pixels = torch.from_numpy(steel_like_batch(range(150, 155)))
+    whole = predict_logits(model, pixels, "per-image", 4, "cpu", familiarity.LAYER)[1]
+    head_calls = []
+    hook = model.classifier.register_forward_hook(lambda *_: head_calls.append(1))
+    try:
+        stopped = predict_features(model, pixels, "per-image", 4, "cpu", familiarity.LAYER)
+    finally:
+        hook.remove()
+    assert torch.equal(stopped, whole) and stopped.shape == (len(pixels), whole.shape[1])
+    assert head_calls == []
+    # the tap is gone: a later whole pass runs to the end
+    assert predict_logits(model, pixels, "per-image", 4, "cpu")[0].shape == (len(pixels), 2)
 
 
 def test_pixel_statistics_by_hand():
