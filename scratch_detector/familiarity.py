@@ -45,8 +45,8 @@ class StopForward(Exception):
 
 class FeatureTap:
     """Keeps the mean-pooled output (B, C) of one layer from the model's latest forward pass (a forward hook).
-    stop=True ends the pass there (StopForward): fitting the statistics needs no logits, and the layers after
-    LAYER are most of the network's work."""
+    stop=True ends the pass there (StopForward): fitting the statistics needs nothing after LAYER, so the layers
+    after it need not run."""
 
     def __init__(self, model: nn.Module, layer: str = LAYER, stop: bool = False):
         self.features: torch.Tensor | None = None
