@@ -354,15 +354,21 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int, device,
-                   features_at: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   features_at: str | None = None,
+                   stop_at_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (logits (N, 2), the mean-pooled output of layer `features_at` in the same pass (N, C), or None) for
-    each uint8 (N, S, S, 3) image, in order, in batches."""
+    each uint8 (N, S, S, 3) image, in order, in batches. stop_at_features ends each pass at that layer: the
+    features only, and no logits (N = 0); predict_features."""
     model.eval()
-    tap = familiarity.FeatureTap(model, features_at) if features_at else None
+    tap = familiarity.FeatureTap(model, features_at, stop=stop_at_features) if features_at else None
     logits, features = [torch.empty(0, len(BINARY_CLASSES))], []
     try:
         for start in range(0, len(pixels), batch_size):
-            logits.append(model(normalize(pixels[start:start + batch_size], normalization).to(device)).float().cpu())
+            try:
+                batch = normalize(pixels[start:start + batch_size], normalization).to(device)
+                logits.append(model(batch).float().cpu())
+            except familiarity.StopForward:
+                pass
             if tap is not None:
                 features.append(tap.take().cpu())
     finally:
@@ -371,24 +377,12 @@ def predict_logits(model: nn.Module, pixels: torch.Tensor, normalization: str, b
     return torch.cat(logits), (torch.cat(features) if features else None)
 
 
-@torch.no_grad()
 def predict_features(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int, device,
                      layer: str) -> torch.Tensor:
-    """The mean-pooled output of `layer` (N, C) for each uint8 (N, S, S, 3) image, in batches, each pass stopped
-    at that layer: the same values predict_logits(..., features_at=layer) gives, for the work up to the layer."""
-    model.eval()
-    tap = familiarity.FeatureTap(model, layer, stop=True)
-    features = []
-    try:
-        for start in range(0, len(pixels), batch_size):
-            try:
-                model(normalize(pixels[start:start + batch_size], normalization).to(device))
-            except familiarity.StopForward:
-                pass
-            features.append(tap.take().cpu())
-    finally:
-        tap.remove()
-    return torch.cat(features) if features else torch.empty(0, 0)
+    """The mean-pooled output of `layer` (N, C) for each uint8 (N, S, S, 3) image, each pass stopped at that
+    layer: the same values predict_logits(..., features_at=layer) gives, for the work up to the layer."""
+    features = predict_logits(model, pixels, normalization, batch_size, device, layer, stop_at_features=True)[1]
+    return features if features is not None else torch.empty(0, 0)
 
 
 def predict_probabilities(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int,
