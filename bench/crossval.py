@@ -4,6 +4,7 @@
     python bench/crossval.py --folds 5 --only 0 1     # some folds only (each is one full training)
     python bench/crossval.py -- --explain-weight 0    # another recipe
     python bench/crossval.py --camera                 # also each fold under bench/robustness.py's camera changes
+    python bench/crossval.py --keep folds/            # keep each fold's checkpoint and training log
 
 Each fold is `python train.py --cv-fold K N [args after --]` as a child process in a temp folder: the seed's test
 split is left out of every fold, train + validation are dealt into N stratified folds, and fold K is the
@@ -41,7 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.add_argument("--camera", action="store_true",
                    help="also score each fold's held-out images under bench/robustness.py's camera changes")
+    p.add_argument("--keep", type=Path, help="keep each fold's checkpoint, reports and log in this folder "
+                   "(DIR/foldK/model.pth), to score them again later; it must not exist yet")
     args = parse_with_script_args(p, argv, OWNED_BY_BENCH)
+    if args.keep is not None and args.keep.exists():
+        p.error(f"--keep {args.keep} already exists: name a new folder, so no earlier fold is overwritten")
     args.only = sorted(set(args.only if args.only is not None else range(args.folds)))
     if args.folds < 2 or not all(0 <= k < args.folds for k in args.only):
         p.error("--folds must be >= 2 and --only within 0..folds-1")
@@ -89,8 +94,10 @@ def camera_table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     data_dir, command, machine = training_bench_start(args, f"--cv-fold K {args.folds}, folds {args.only}")
-    with tempfile.TemporaryDirectory(prefix="crossval_") as work:
-        results = [one_fold(k, args.folds, data_dir, args.script_args, Path(work), args.camera) for k in args.only]
+    with tempfile.TemporaryDirectory(prefix="crossval_") as temporary:
+        work = args.keep or Path(temporary)
+        work.mkdir(parents=True, exist_ok=True)
+        results = [one_fold(k, args.folds, data_dir, args.script_args, work, args.camera) for k in args.only]
 
     def row(name, r):
         n, wrong = r["tn"] + r["fp"] + r["fn"] + r["tp"], r["fp"] + r["fn"]
