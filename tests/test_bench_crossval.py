@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -26,3 +28,10 @@ def test_camera_rows_are_summed_over_the_folds():
     assert lines[2] == "| none | 0.9961 | 0.9881 (83 of 84) | 1 | 1 | - |"  # 2 errors of 510; 83 of 84 found
     assert lines[3] == "| 1.5x magnification | 0.9804 | 0.9048 (76 of 84) | 2 | 8 | 0.9841 (1 of 63) |"
     assert lines[4] == "| gamma 0.7 (other value) | 1.0000 | 1.0000 (84 of 84) | 0 | 0 | - |"
+
+
+def test_keep_refuses_a_folder_that_exists(tmp_path):
+    """--keep must never write fold checkpoints over an earlier run's."""
+    with pytest.raises(SystemExit):
+        crossval.parse_args(["--keep", str(tmp_path)])
+    assert crossval.parse_args(["--keep", str(tmp_path / "new")]).keep == tmp_path / "new"
