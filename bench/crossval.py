@@ -4,7 +4,7 @@
     python bench/crossval.py --folds 5 --only 0 1     # some folds only (each is one full training)
     python bench/crossval.py -- --explain-weight 0    # another recipe
     python bench/crossval.py --camera                 # also each fold under bench/robustness.py's camera changes
-    python bench/crossval.py --keep folds/            # keep each fold's checkpoint and training log
+    python bench/crossval.py --keep folds/            # keep each fold's checkpoint and log (bench/threshold_rules.py)
 
 Each fold is `python train.py --cv-fold K N [args after --]` as a child process in a temp folder: the seed's test
 split is left out of every fold, train + validation are dealt into N stratified folds, and fold K is the

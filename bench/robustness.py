@@ -87,6 +87,26 @@ def perturbed_pixels(originals: list[np.ndarray], change, image_size: int) -> to
     return torch.from_numpy(np.stack(out))
 
 
+def changed_probabilities(model, meta: dict, samples, device, batch_size: int = 64, with_other_values: bool = True,
+                          progress: bool = True, originals: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Change name -> every image's p(defect) under it (PERTURBATIONS first, then OTHER_VALUES)."""
+    originals = decode_originals(samples) if originals is None else originals
+    changes = {**PERTURBATIONS, **(OTHER_VALUES if with_other_values else {})}
+    return {name: predict_probabilities(model, perturbed_pixels(originals, change, int(meta["image_size"])),
+                                        meta["normalization"], batch_size, device).numpy()
+            for name, change in tqdm(changes.items(), desc="perturbations", unit="change", disable=not progress,
+                                     file=sys.stdout, leave=False)}
+
+
+def scratches_in_view(samples, originals: list[np.ndarray], annotations: dict, factor: float) -> np.ndarray:
+    """Per image: a scratch that keeps at least IN_VIEW of its box area in view under a magnification by
+    `factor` (a scratch without boxes counts as in view: the rule drops only what it can see is cropped away)."""
+    def kept(index, sample):
+        xml = annotations.get(Path(sample.relpath).stem)
+        return xml is None or share_in_view(xml, originals[index].shape[:2], factor) >= IN_VIEW
+    return np.array([s.label == 1 and kept(i, s) for i, s in enumerate(samples)], dtype=bool)
+
+
 def robustness_rows(model, meta: dict, samples, device, batch_size: int = 64, with_other_values: bool = True,
                     progress: bool = True, annotations: dict | None = None) -> list[dict]:
     """One dict per perturbation: accuracy, recall, false alarms, misses, at the checkpoint's threshold. With
@@ -94,25 +114,19 @@ def robustness_rows(model, meta: dict, samples, device, batch_size: int = 64, wi
     at least IN_VIEW of their box in view (in_view_recall, in_view_misses, in_view_scratches)."""
     originals = decode_originals(samples)
     labels = dataset.labels_of(samples)
-    boxed = {i: annotations[Path(s.relpath).stem] for i, s in enumerate(samples)
-             if s.label == 1 and annotations and Path(s.relpath).stem in annotations}
-    changes = {**PERTURBATIONS, **(OTHER_VALUES if with_other_values else {})}
+    threshold = float(meta["threshold"])
     rows = []
-    for name, change in tqdm(changes.items(), desc="perturbations", unit="change", disable=not progress,
-                             file=sys.stdout, leave=False):
-        pixels = perturbed_pixels(originals, change, int(meta["image_size"]))
-        probabilities = predict_probabilities(model, pixels, meta["normalization"], batch_size, device).numpy()
-        m = binary_metrics(probabilities, labels, float(meta["threshold"]))
+    for name, probabilities in changed_probabilities(model, meta, samples, device, batch_size, with_other_values,
+                                                     progress, originals).items():
+        m = binary_metrics(probabilities, labels, threshold)
         rows.append(dict(perturbation=name, asked=name in PERTURBATIONS, accuracy=m["accuracy"], recall=m["recall"],
                          false_alarms=m["confusion_matrix"]["fp"], misses=m["confusion_matrix"]["fn"],
                          n_images=m["n_images"], n_scratches=int(labels.sum())))
-        if name in MAGNIFICATIONS and boxed:
-            # a scratch without boxes counts as in view: the rule drops only what it can see is cropped away
-            kept = [i for i in np.flatnonzero(labels == 1)
-                    if i not in boxed or share_in_view(boxed[i], originals[i].shape[:2], MAGNIFICATIONS[name]) >= IN_VIEW]
-            found = int((probabilities[kept] >= float(meta["threshold"])).sum())
-            rows[-1].update(in_view_scratches=len(kept), in_view_misses=len(kept) - found,
-                            in_view_recall=found / len(kept) if kept else float("nan"))
+        if name in MAGNIFICATIONS and annotations:
+            in_view = scratches_in_view(samples, originals, annotations, MAGNIFICATIONS[name])
+            found = int((probabilities[in_view] >= threshold).sum())
+            rows[-1].update(in_view_scratches=int(in_view.sum()), in_view_misses=int(in_view.sum()) - found,
+                            in_view_recall=found / in_view.sum() if in_view.any() else float("nan"))
     return rows
 
 
