@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import dataset  # noqa: E402
 from scratch_detector.augment import augment  # noqa: E402
 from scratch_detector.evaluation import select_samples  # noqa: E402
-from scratch_detector.metrics import choose_threshold, find_annotations  # noqa: E402
+from scratch_detector.metrics import choose_threshold, clipped_log_odds, find_annotations  # noqa: E402
 from scratch_detector.model import load_checkpoint, predict_probabilities  # noqa: E402
 
 COPIES = 4
@@ -40,17 +40,12 @@ def with_copies(probabilities, copies, labels, count):
     return np.concatenate([probabilities, *copies[:count]]), np.tile(labels, count + 1)
 
 
-def log_odds(p, eps: float = 1e-6):
-    p = np.clip(p, eps, 1 - eps)
-    return np.log(p / (1 - p))
-
-
 def clean_first_then_copies(probabilities, copies, labels):
     """Among the cuts with the best Youden J on the clean images, the one with the best J on the copies; then
     the widest gap (in log-odds), as metrics.choose_threshold breaks its ties."""
-    clean, changed = log_odds(probabilities), log_odds(np.concatenate(copies))
+    clean, changed = clipped_log_odds(probabilities), clipped_log_odds(np.concatenate(copies))
     changed_labels = np.tile(labels, len(copies))
-    scores = np.unique(np.concatenate([log_odds(np.array([0.0, 1.0])), clean, changed]))
+    scores = np.unique(np.concatenate([clipped_log_odds([0.0, 1.0]), clean, changed]))
     best, cut = None, 0.0
     for low, high in zip(scores[:-1], scores[1:]):
         middle = (low + high) / 2
@@ -83,8 +78,7 @@ def fold_scores(checkpoint: Path, data_dir: Path, annotations: dict, seed: int) 
                                     "cpu").numpy() for _ in range(COPIES)]
     in_view = {name: scratches_in_view(samples, originals, annotations, factor)
                for name, factor in MAGNIFICATIONS.items()}
-    return {"labels": dataset.labels_of(samples), "rows": rows, "copies": copies, "in_view": in_view,
-            "threshold": float(meta["threshold"])}
+    return {"labels": dataset.labels_of(samples), "rows": rows, "copies": copies, "in_view": in_view}
 
 
 def stratified_half(labels, rng: np.random.Generator) -> np.ndarray:

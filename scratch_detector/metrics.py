@@ -79,6 +79,12 @@ def curve_points(probabilities, labels):
     return np.array(fpr), np.array(tpr), np.array(precision), thresholds
 
 
+def clipped_log_odds(probabilities, eps: float = 1e-6) -> np.ndarray:
+    """log(p / (1 - p)) with p clipped to [eps, 1 - eps]: the scale choose_threshold cuts on."""
+    probabilities = np.clip(np.asarray(probabilities, dtype=np.float64), eps, 1 - eps)
+    return np.log(probabilities / (1 - probabilities))
+
+
 def choose_threshold(probabilities, labels, eps: float = 1e-6) -> float:
     """The decision threshold, chosen on validation data.
 
@@ -88,11 +94,10 @@ def choose_threshold(probabilities, labels, eps: float = 1e-6) -> float:
     to the scratches whenever the non-defects sit near 0: a gap from 0.01 to 0.6 is cut at 0.11, not 0.31.)
     Scores are clipped to [eps, 1 - eps]. With no validation defects or no non-defects, 0.5.
     """
-    probabilities = np.clip(np.asarray(probabilities, dtype=np.float64), eps, 1 - eps)
     labels = np.asarray(labels)
     if not (labels == 1).any() or not (labels == 0).any():
         return 0.5
-    log_odds = np.log(probabilities / (1 - probabilities))
+    log_odds = clipped_log_odds(probabilities, eps)
     scores = np.unique(np.concatenate([[math.log(eps / (1 - eps)), math.log((1 - eps) / eps)], log_odds]))
     best_j, tied = -np.inf, []
     for low, high in zip(scores[:-1], scores[1:]):

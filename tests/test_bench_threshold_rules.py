@@ -19,8 +19,7 @@ def fold(n_other=40, n_scratch=10):
     clean = np.where(labels == 1, 0.99, 0.3)
     blurred = np.where(labels == 1, 0.6, 0.05)        # a change that drops every scratch to 0.6
     copies = [np.where(labels == 1, 0.6, 0.2)] * 2    # the copies say: cut between 0.2 and 0.6
-    return {"labels": labels, "rows": {"none": clean, "blur": blurred}, "copies": copies,
-            "in_view": {}, "threshold": 0.5}
+    return {"labels": labels, "rows": {"none": clean, "blur": blurred}, "copies": copies, "in_view": {}}
 
 
 def test_every_image_is_scored_once_per_halving_by_the_threshold_of_the_other_half():
