@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 import dataset
 from scratch_detector import explain_loss, familiarity, finetune
-from scratch_detector.augment import AUGMENTATIONS, augment, box_masks, scratch_boxes, scratch_mark_bank, transplant
+from scratch_detector.augment import (AUGMENTATIONS, PROBABILITY_NAMES, augment, box_masks, policy, scratch_boxes,
+                                      scratch_mark_bank, transplant)
 from scratch_detector.curves import plot_curves
 from scratch_detector.metrics import binary_metrics, find_annotations
 from scratch_detector.model import (PRETRAINED_CHOICES, build_model, load_checkpoint, model_from_checkpoint,
@@ -93,6 +94,9 @@ def parse_args(argv=None):
                    help="per-image standardisation (default) or fixed ImageNet mean/std")
     p.add_argument("--augment", default=DEFAULTS["augment"],
                    help=f"comma-separated, from {', '.join(AUGMENTATIONS)}, or 'none' (default: %(default)s)")
+    p.add_argument("--augment-prob", nargs="+", default=[], metavar="NAME=P",
+                   help="replace how often an augmentation is drawn, e.g. blur=0.5 zoom=0.5 (names: "
+                   f"{', '.join(PROBABILITY_NAMES)}; default: scratch_detector/augment.py's); for trying a recipe")
     p.add_argument("--explain-weight", type=float, default=DEFAULTS["explain_weight"],
                    help="weight of the loss on the heatmap's share outside the scratch boxes (explain_loss.py; "
                    "0 = off; default: %(default)s)")
@@ -132,12 +136,30 @@ def parse_args(argv=None):
         p.error("--cv-fold K N needs 0 <= K < N")
     if args.explain_weight < 0 or args.explain_every < 1:
         p.error("--explain-weight must be >= 0 and --explain-every >= 1")
+    args.augment_prob = parse_probabilities(p, args.augment_prob)
+    args.policy = policy(args.augment_prob)
     args.augment = tuple(a.strip() for a in args.augment.split(",") if a.strip() not in ("", "none"))
     unknown = [a for a in args.augment if a not in AUGMENTATIONS]
     if unknown or {"flips", "dihedral"} <= set(args.augment):
         p.error(f"--augment takes a comma-separated list from {', '.join(AUGMENTATIONS)} (flips or dihedral, "
                 f"not both), or none; got {', '.join(unknown) or 'both flips and dihedral'}")
     return args
+
+
+def parse_probabilities(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, float]:
+    """--augment-prob's NAME=P items -> {name: p}; a parser error names what is wrong."""
+    probabilities = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            probabilities[name.strip()] = float(value)
+        except ValueError:
+            parser.error(f"--augment-prob takes NAME=P (e.g. blur=0.5), got {item!r}")
+    try:
+        policy(probabilities)
+    except ValueError as error:
+        parser.error(f"--augment-prob: {error}")
+    return probabilities
 
 
 def one_cycle(total_steps: int, warmup: float = 0.1, start: float = 0.04):
@@ -184,13 +206,14 @@ def train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator
         explain = capture is not None and step % args.explain_every == 0
         batch_masks = masks[index] if explain else None
         if marks is not None and explain:
-            images, targets, batch_masks = transplant(images, targets, marks[0], generator, marks[1], batch_masks)
+            images, targets, batch_masks = transplant(images, targets, marks[0], generator, marks[1], batch_masks,
+                                                      args.policy)
         elif marks is not None:
-            images, targets = transplant(images, targets, marks[0], generator)
+            images, targets = transplant(images, targets, marks[0], generator, settings=args.policy)
         if explain:
-            images, batch_masks = augment(images, generator, args.augment, batch_masks)
+            images, batch_masks = augment(images, generator, args.augment, batch_masks, args.policy)
         else:
-            images = augment(images, generator, args.augment)
+            images = augment(images, generator, args.augment, settings=args.policy)
         images = dataset.normalize(images, args.normalization).to(device)
         targets = targets.to(device)
         logits = model(images)
@@ -336,7 +359,8 @@ def main(argv=None) -> int:
     splits, own_train, replay = data["splits"], data["own_train"], data["replay"]
 
     print(f"model: efficientnet_b0, 2 classes, init: {init}; device {device}; image size {args.image_size}, "
-          f"{args.normalization} normalization; augment: {', '.join(args.augment) or 'none'}")
+          f"{args.normalization} normalization; augment: {', '.join(args.augment) or 'none'}"
+          + "".join(f", {name} p {value:g}" for name, value in args.augment_prob.items()))
     model.to(device=device, memory_format=torch.channels_last)
 
     pixels = {name: torch.from_numpy(dataset.load_pixels(items, args.image_size)) for name, items in splits.items()}
@@ -422,6 +446,7 @@ def main(argv=None) -> int:
         "hyperparameters": {**{k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "max_per_class",
                                                              "explain_weight", "explain_layer", "explain_every")},
                             "augment": list(args.augment),
+                            **({"augment_prob": args.augment_prob} if args.augment_prob else {}),
                             **({"start_weight": args.start_weight} if args.init else {})},
         "data": {"layout": data["layout"], "n_images": len(data["samples"]),
                  **({"labels": str(args.labels), "data_dir": str(data["data_dir"])} if args.labels else {}),

@@ -5,6 +5,9 @@ probabilities and ranges. All randomness comes from a torch.Generator, so a seed
     zoom               ZOOM: a closer camera (perturb.magnify)
     camera             CAMERA: gain, contrast, gamma, blur, noise, JPEG (camera_change)
     transplant         TRANSPLANT: a scratch's marks added to a non-scratch image, which becomes a scratch
+
+policy() is that set with some probabilities replaced (train.py --augment-prob blur=0.5): a candidate recipe then
+runs from the committed code, and its checkpoint says what it drew.
 """
 from __future__ import annotations
 
@@ -35,6 +38,29 @@ ZOOM = dict(p=0.3, factor=(1.0, 1.7))  # "zoom": a closer camera, the window any
 # scratch. Every NEU image holds one class, so without it a model can learn "the scratch class's plate" rather
 # than "a line on any plate", and miss a scratch on crazing or patches (bench/README.md, large frames).
 TRANSPLANT = dict(p=0.2, strength=(0.6, 1.4))
+# The probabilities train.py's --augment-prob NAME=P may replace (policy()), so that a candidate recipe runs from
+# the committed code and its checkpoint records what it drew.
+PROBABILITY_NAMES = (*CAMERA, "zoom", "transplant")
+
+
+def policy(probabilities: dict[str, float] | None = None) -> dict:
+    """{"camera": CAMERA, "zoom": ZOOM, "transplant": TRANSPLANT}, each change's probability p replaced where
+    `probabilities` names it (PROBABILITY_NAMES); ranges stay. A ValueError names a wrong name or p."""
+    probabilities = dict(probabilities or {})
+    unknown = sorted(set(probabilities) - set(PROBABILITY_NAMES))
+    if unknown:
+        raise ValueError(f"unknown augmentation {', '.join(unknown)}; choose from {', '.join(PROBABILITY_NAMES)}")
+    wrong = [f"{name}={p}" for name, p in probabilities.items() if not 0 <= p <= 1]
+    if wrong:
+        raise ValueError(f"a probability is between 0 and 1, got {', '.join(wrong)}")
+
+    def drawn(name: str, settings: dict) -> dict:
+        return {**settings, "p": float(probabilities.get(name, settings["p"]))}
+    return {"camera": {name: drawn(name, settings) for name, settings in CAMERA.items()},
+            "zoom": drawn("zoom", ZOOM), "transplant": drawn("transplant", TRANSPLANT)}
+
+
+DEFAULT_POLICY = policy()
 
 
 def _uniform(low: float, high: float, draw: float, log: bool = False) -> float:
@@ -44,10 +70,12 @@ def _uniform(low: float, high: float, draw: float, log: bool = False) -> float:
     return low + draw * (high - low)
 
 
-def camera_change(image: np.ndarray, draws: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Apply each of CAMERA's changes with its probability: optics first (blur), then the sensor (gain,
-    contrast, gamma, noise), then compression (JPEG), as a real image is made. draws: 13 uniforms."""
-    c = CAMERA
+def camera_change(image: np.ndarray, draws: np.ndarray, rng: np.random.Generator, camera: dict = CAMERA
+                  ) -> np.ndarray:
+    """Apply each of the camera changes (CAMERA, or a policy()'s "camera") with its probability: optics first
+    (blur), then the sensor (gain, contrast, gamma, noise), then compression (JPEG), as a real image is made.
+    draws: 13 uniforms."""
+    c = camera
     if draws[0] < c["blur"]["p"]:
         image = perturb.blur(image, _uniform(*c["blur"]["sigma"], draws[1]))
     if draws[2] < c["gain"]["p"]:
@@ -64,9 +92,11 @@ def camera_change(image: np.ndarray, draws: np.ndarray, rng: np.random.Generator
     return image
 
 
-def augment(batch: torch.Tensor, generator: torch.Generator, kinds=AUGMENTATIONS[1:], masks=None):
+def augment(batch: torch.Tensor, generator: torch.Generator, kinds=AUGMENTATIONS[1:], masks=None,
+            settings: dict = DEFAULT_POLICY):
     """A randomly changed copy of a uint8 (N, S, S, 3) batch of square images; labels stay as they are.
     With `masks` (float32 (N, S, S) scratch boxes), returns (images, masks), the masks moved as their images.
+    settings: a policy() (default: CAMERA and ZOOM as they are).
 
     dihedral: one of the 8 symmetries (4 quarter turns x mirror), exact: scratches run in every direction
     in NEU (boxes wider than tall and taller than wide), so every orientation is as likely as any other.
@@ -87,12 +117,12 @@ def augment(batch: torch.Tensor, generator: torch.Generator, kinds=AUGMENTATIONS
         if symmetry is not None:
             image = perturb.dihedral(image, symmetry)
             mask = None if mask is None else perturb.dihedral(mask, symmetry)
-        if "zoom" in kinds and draw[1] < ZOOM["p"]:
-            factor, center = _uniform(*ZOOM["factor"], draw[2], log=True), (draw[3], draw[4])
+        if "zoom" in kinds and draw[1] < settings["zoom"]["p"]:
+            factor, center = _uniform(*settings["zoom"]["factor"], draw[2], log=True), (draw[3], draw[4])
             image = perturb.magnify(image, factor, center=center)
             mask = None if mask is None else perturb.magnify(mask, factor, center=center)
         if "camera" in kinds:
-            image = camera_change(image, draw[5:18], np.random.default_rng(seed))
+            image = camera_change(image, draw[5:18], np.random.default_rng(seed), settings["camera"])
         out.append(image)
         moved.append(mask)
     images = torch.from_numpy(np.stack(out))
@@ -133,8 +163,10 @@ def scratch_mark_bank(samples, pixels: np.ndarray, annotations: dict) -> tuple[t
 
 
 def transplant(batch: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor, generator: torch.Generator,
-               mark_masks: torch.Tensor | None = None, masks: torch.Tensor | None = None):
-    """TRANSPLANT on a uint8 (N, S, S, 3) batch: -> (new batch, new labels). Scratch images are untouched.
+               mark_masks: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+               settings: dict = DEFAULT_POLICY):
+    """TRANSPLANT (or settings["transplant"], settings a policy()) on a uint8 (N, S, S, 3) batch: -> (new batch,
+    new labels). Scratch images are untouched.
     With `mark_masks` (the bank's box masks) and the batch's `masks`: -> (batch, labels, masks), a changed
     image's mask being its pasted mark's box."""
     draws = torch.rand(len(batch), 3, generator=generator, dtype=torch.float64).tolist()
@@ -142,10 +174,10 @@ def transplant(batch: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor, 
     images, targets = batch.clone(), targets.clone()
     masks = None if masks is None else masks.clone()
     for i, (draw, pick) in enumerate(zip(draws, picks)):
-        if targets[i] == 1 or draw[0] >= TRANSPLANT["p"]:
+        if targets[i] == 1 or draw[0] >= settings["transplant"]["p"]:
             continue
         mark = perturb.dihedral(marks[pick].numpy(), int(draw[1] * 8))
-        strength = _uniform(*TRANSPLANT["strength"], draw[2], log=True)
+        strength = _uniform(*settings["transplant"]["strength"], draw[2], log=True)
         planted = images[i].numpy().astype(np.float32) + strength * mark[..., None]
         images[i] = torch.from_numpy(np.clip(np.rint(planted), 0, 255).astype(np.uint8))
         targets[i] = 1

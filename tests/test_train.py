@@ -113,6 +113,72 @@ def test_default_augmentation_changes_images_but_keeps_each_ones_identity(seed):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# --augment-prob: how often each augmentation is drawn, settable for trying a recipe
+# ---------------------------------------------------------------------------------------------------------
+def test_policy_replaces_only_the_named_probabilities():
+    settings = augmentation.policy({"blur": 0.5, "zoom": 1.0, "transplant": 0.0})
+    assert settings["camera"]["blur"] == {**augmentation.CAMERA["blur"], "p": 0.5}
+    assert settings["zoom"] == {**augmentation.ZOOM, "p": 1.0}
+    assert settings["transplant"] == {**augmentation.TRANSPLANT, "p": 0.0}
+    assert all(settings["camera"][name] == augmentation.CAMERA[name] for name in augmentation.CAMERA if name != "blur")
+    assert augmentation.policy() == {"camera": augmentation.CAMERA, "zoom": augmentation.ZOOM,
+                                     "transplant": augmentation.TRANSPLANT}
+    for wrong, message in (({"focus": 0.5}, "unknown augmentation focus"), ({"noise": 1.5}, "between 0 and 1")):
+        with pytest.raises(ValueError, match=message):
+            augmentation.policy(wrong)
+
+
+def test_augment_draws_each_change_as_often_as_the_policy_says():
+    batch = random_batch(16, size=24, seed=3)
+    kinds = ("camera", "zoom")
+    never = augmentation.policy({name: 0.0 for name in augmentation.PROBABILITY_NAMES})
+    assert torch.equal(augmentation.augment(batch, torch.Generator().manual_seed(1), kinds, settings=never), batch)
+    only_blur = augmentation.policy({**{name: 0.0 for name in augmentation.PROBABILITY_NAMES}, "blur": 1.0})
+    blurred = augmentation.augment(batch, torch.Generator().manual_seed(1), kinds, settings=only_blur)
+    assert all(not torch.equal(a, b) for a, b in zip(blurred, batch))
+    # a blur keeps the mean grey level and smooths: every image's pixel spread shrinks
+    assert all(a.float().std() < b.float().std() for a, b in zip(blurred, batch))
+    # the default settings are the module's own: the same batch as before --augment-prob existed
+    default = augmentation.augment(batch, torch.Generator().manual_seed(1))
+    assert torch.equal(default, augmentation.augment(batch, torch.Generator().manual_seed(1),
+                                                     settings=augmentation.policy({})))
+
+
+def test_transplant_follows_the_policy():
+    rng = np.random.default_rng(1)
+    batch = torch.from_numpy(np.repeat(rng.integers(90, 160, (20, 16, 16, 1), dtype=np.uint8), 3, axis=3))
+    labels = torch.zeros(20, dtype=torch.long)
+    marks = torch.from_numpy(rng.uniform(-30, 30, (2, 16, 16)).astype(np.float32))
+    for p, expected in ((0.0, 0), (1.0, 20)):
+        _, out_labels = augmentation.transplant(batch, labels, marks, torch.Generator().manual_seed(0),
+                                                settings=augmentation.policy({"transplant": p}))
+        assert int(out_labels.sum()) == expected
+
+
+def test_augment_prob_is_parsed_and_checked(capsys):
+    args = train.parse_args(["--augment-prob", "blur=0.5", "zoom=0.4"])
+    assert args.augment_prob == {"blur": 0.5, "zoom": 0.4}
+    assert args.policy["camera"]["blur"]["p"] == 0.5 and args.policy["zoom"]["p"] == 0.4
+    assert train.parse_args([]).policy == augmentation.policy()
+    for item, message in (("blur", "takes NAME=P"), ("blur=x", "takes NAME=P"), ("focus=0.5", "unknown"),
+                          ("blur=2", "between 0 and 1")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--augment-prob", item])
+        assert message in capsys.readouterr().err
+
+
+def test_checkpoint_records_the_probabilities_it_trained_with(neu_dir, tmp_path):
+    result = run_script("train.py", "--data-dir", neu_dir, "--output", tmp_path / "m.pth", "--reports",
+                        tmp_path / "outputs", "--max-per-class", 4, "--epochs", 1, "--image-size", 48,
+                        "--pretrained", "none", "--test-images", "", "--augment-prob", "blur=0.5", "transplant=0",
+                        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "blur p 0.5, transplant p 0" in result.stdout
+    _, meta = load_checkpoint(tmp_path / "m.pth")
+    assert meta["hyperparameters"]["augment_prob"] == {"blur": 0.5, "transplant": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The learning-rate schedule
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("total, warmup, start", [(100, 0.1, 0.04), (1000, 0.25, 0.1), (37, 0.1, 0.0)])
