@@ -18,12 +18,14 @@ on the clean NEU --split images (nothing forgotten), each at its own threshold. 
 from __future__ import annotations
 
 import csv
+import math
 import sys
 import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,25 @@ def labelled_pool(train: list, count: int, seed: int) -> list:
                   key=lambda s: s.relpath)
 
 
+def line_image(sample, image: np.ndarray) -> np.ndarray:
+    """One NEU image as the new line shows it; its noise seeded by its path in the NEU data, not by any list, so
+    the same image gets the same noise wherever it is drawn."""
+    return new_line(image, np.random.default_rng(zlib.crc32(sample.relpath.encode())))
+
+
+def unsure_pool(train: list, count: int, model_path: Path, device: str = "cpu") -> list:
+    """`count` training images of the new line that the model is least sure about: its calibrated p(defect)
+    nearest its threshold in log-odds, as a person labels them when the review page lists unsure rows first."""
+    model, meta = load_checkpoint(model_path, device)
+    size, threshold = int(meta["image_size"]), float(meta["threshold"])
+    pixels = torch.from_numpy(np.stack([dataset.to_model_pixels(Image.fromarray(line_image(s, image)), size)
+                                        for s, image in zip(train, decode_originals(train))]))
+    p = predict_probabilities(model, pixels, meta["normalization"], 64, device).double().clamp(1e-6, 1 - 1e-6)
+    distance = (torch.log(p / (1 - p)) - math.log(threshold / (1 - threshold))).abs()
+    picked = [train[i] for i in torch.argsort(distance, stable=True)[:count].tolist()]
+    return sorted(picked, key=lambda s: s.relpath)
+
+
 def write_line_folder(folder: Path, samples: list) -> Path:
     """The new line's labelled images as PNG (lossless: the change is the camera, not the file) with neutral names,
     and labels.csv as the review page writes it."""
@@ -64,9 +85,7 @@ def write_line_folder(folder: Path, samples: list) -> Path:
     rows = []
     for index, (sample, image) in enumerate(zip(samples, originals)):
         name = f"line_{index:04d}.png"
-        # each image's noise seeded by its name's position in the NEU data, not by this list: the same image
-        # gets the same noise in every count
-        Image.fromarray(new_line(image, np.random.default_rng(zlib.crc32(sample.relpath.encode())))).save(folder / name)
+        Image.fromarray(line_image(sample, image)).save(folder / name)
         rows.append((name, dataset.BINARY_CLASSES[sample.label]))
     with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows([("image", "label"), *rows])
@@ -92,6 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--counts", type=int, nargs="+", default=[20, 40, 80], help="labelled images per fine-tune")
     p.add_argument("--split", choices=["test", "val"], default="test", help="images to score on (default: test)")
     p.add_argument("--seed", type=int, default=0, help="which images are labelled, and train.py's --seed")
+    p.add_argument("--pick", choices=["spread", "unsure"], default="spread",
+                   help="which training images a person labels: spread (default: at random, half scratches, the rest "
+                   "spread over the other classes) or unsure (those the model is least sure about)")
     args, extra = p.parse_known_args(argv)
     args.train_args = extra  # passed to train.py as they are (e.g. --epochs 3)
     return args
@@ -118,7 +140,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="new_line_") as tmp:
         for count in args.counts:
             folder = Path(tmp) / f"labelled_{count}"
-            labels_csv = write_line_folder(folder, labelled_pool(splits["train"], count, args.seed))
+            pool = (labelled_pool(splits["train"], count, args.seed) if args.pick == "spread" else
+                    unsure_pool(splits["train"], count, Path(args.model)))
+            print(f"{count} labelled ({args.pick}): {sum(s.label for s in pool)} scratches", flush=True)
+            labels_csv = write_line_folder(folder, pool)
             checkpoint = Path(tmp) / f"finetuned_{count}.pth"
             command = ["train.py", "--init", str(Path(args.model).resolve()), "--labels", str(labels_csv),
                        "--replay", str(data_dir), "--output", str(checkpoint), "--reports", str(Path(tmp) / f"r{count}"),
