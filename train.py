@@ -137,7 +137,10 @@ def parse_args(argv=None):
     if args.explain_weight < 0 or args.explain_every < 1:
         p.error("--explain-weight must be >= 0 and --explain-every >= 1")
     args.augment_prob = parse_probabilities(p, args.augment_prob)
-    args.policy = policy(args.augment_prob)
+    try:
+        args.policy = policy(args.augment_prob)
+    except ValueError as error:
+        p.error(f"--augment-prob: {error}")
     args.augment = tuple(a.strip() for a in args.augment.split(",") if a.strip() not in ("", "none"))
     unknown = [a for a in args.augment if a not in AUGMENTATIONS]
     if unknown or {"flips", "dihedral"} <= set(args.augment):
@@ -147,7 +150,8 @@ def parse_args(argv=None):
 
 
 def parse_probabilities(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, float]:
-    """--augment-prob's NAME=P items -> {name: p}; a parser error names what is wrong."""
+    """--augment-prob's NAME=P items -> {name: p} (augment.policy checks the names and values); a parser error
+    names an item that is not NAME=P."""
     probabilities = {}
     for item in items:
         name, _, value = item.partition("=")
@@ -155,10 +159,6 @@ def parse_probabilities(parser: argparse.ArgumentParser, items: list[str]) -> di
             probabilities[name.strip()] = float(value)
         except ValueError:
             parser.error(f"--augment-prob takes NAME=P (e.g. blur=0.5), got {item!r}")
-    try:
-        policy(probabilities)
-    except ValueError as error:
-        parser.error(f"--augment-prob: {error}")
     return probabilities
 
 

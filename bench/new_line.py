@@ -18,7 +18,6 @@ on the clean NEU --split images (nothing forgotten), each at its own threshold. 
 from __future__ import annotations
 
 import csv
-import math
 import sys
 import tempfile
 import zlib
@@ -37,7 +36,7 @@ from common import (bench_parser, check, default_data_dir, load_average, machine
 from robustness import decode_originals, perturbed_pixels  # noqa: E402
 from scratch_detector import perturb  # noqa: E402
 from scratch_detector.finetune import spread_pick  # noqa: E402
-from scratch_detector.metrics import binary_metrics  # noqa: E402
+from scratch_detector.metrics import binary_metrics, clipped_log_odds  # noqa: E402
 from scratch_detector.model import load_checkpoint, predict_probabilities  # noqa: E402
 
 
@@ -64,17 +63,17 @@ def line_image(sample, image: np.ndarray) -> np.ndarray:
     return new_line(image, np.random.default_rng(zlib.crc32(sample.relpath.encode())))
 
 
-def unsure_pool(train: list, count: int, model_path: Path, device: str = "cpu") -> list:
-    """`count` training images of the new line that the model is least sure about: its calibrated p(defect)
-    nearest its threshold in log-odds, as a person labels them when the review page lists unsure rows first."""
+def unsure_order(train: list, model_path: Path, device: str = "cpu") -> list:
+    """The new line's training images, those the model is least sure about first: its calibrated p(defect)
+    nearest its threshold in log-odds, as a person labels them when the review page lists unsure rows first.
+    Ranked once; a count of N labels the first N."""
     model, meta = load_checkpoint(model_path, device)
-    size, threshold = int(meta["image_size"]), float(meta["threshold"])
+    size = int(meta["image_size"])
     pixels = torch.from_numpy(np.stack([dataset.to_model_pixels(Image.fromarray(line_image(s, image)), size)
                                         for s, image in zip(train, decode_originals(train))]))
-    p = predict_probabilities(model, pixels, meta["normalization"], 64, device).double().clamp(1e-6, 1 - 1e-6)
-    distance = (torch.log(p / (1 - p)) - math.log(threshold / (1 - threshold))).abs()
-    picked = [train[i] for i in torch.argsort(distance, stable=True)[:count].tolist()]
-    return sorted(picked, key=lambda s: s.relpath)
+    p = predict_probabilities(model, pixels, meta["normalization"], 64, device).numpy()
+    distance = np.abs(clipped_log_odds(p) - clipped_log_odds([float(meta["threshold"])])[0])
+    return [train[i] for i in np.argsort(distance, kind="stable")]
 
 
 def write_line_folder(folder: Path, samples: list) -> Path:
@@ -137,11 +136,12 @@ def main(argv=None) -> int:
 
     shipped = score(Path(args.model), sets)
     rows = [["shipped model", "0", *cells(shipped["new line"]), *cells(shipped["clean NEU"]), "-"]]
+    unsure = unsure_order(splits["train"], Path(args.model)) if args.pick == "unsure" else None
     with tempfile.TemporaryDirectory(prefix="new_line_") as tmp:
         for count in args.counts:
             folder = Path(tmp) / f"labelled_{count}"
-            pool = (labelled_pool(splits["train"], count, args.seed) if args.pick == "spread" else
-                    unsure_pool(splits["train"], count, Path(args.model)))
+            pool = (labelled_pool(splits["train"], count, args.seed) if unsure is None else
+                    sorted(unsure[:count], key=lambda s: s.relpath))
             print(f"{count} labelled ({args.pick}): {sum(s.label for s in pool)} scratches", flush=True)
             labels_csv = write_line_folder(folder, pool)
             checkpoint = Path(tmp) / f"finetuned_{count}.pth"
