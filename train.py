@@ -55,7 +55,7 @@ DEFAULTS = dict(
     pretrained="auto",
     explain_layer="features.2",
     explain_weight=1.0,
-    explain_every=8,
+    explain_every=16,      # the heatmap loss on every 16th batch: bench/README.md, how often the heatmap loss runs
 )
 
 
