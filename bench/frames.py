@@ -14,8 +14,9 @@ are made from NEU images).
 
 A frame:
   background  one non-scratch test image with its illumination flattened (minus its Gaussian blur of sigma
-              25 px, plus its mean), grown to the frame size by image quilting (Efros & Freeman 2001: blocks
-              of it joined along minimal-error cuts). The texture runs on without a seam, so the benchmark
+              25 px, --flatten-sigma, plus its mean), grown to the frame size by image quilting (Efros &
+              Freeman 2001: blocks of it joined along minimal-error cuts). The texture runs on without a seam,
+              so the benchmark
               neither rewards nor punishes tile seams. --background mirror mirror-tiles the image instead
               (numpy 'symmetric'): continuous too, but the mirror axes repeat every 200 px as symmetric
               shapes (a dark blob doubled into an elongated one) that no steel surface has.
@@ -28,6 +29,8 @@ A frame:
               Its boxes, moved there, are the ground truth.
   mosaic      (the sanity check) 5 x 5 different test images side by side, seams on a 200 px grid, one of them
               a scratch image in a scratch frame: the issue's original measurement, seams and all.
+  control     every non-scratch image of the split, whole (200 x 200), as it is and flattened as the
+              backgrounds are: how many false alarms the flattening makes by itself.
 Scores, per set of frames:
   frame accuracy         flagged (a tile at or over the threshold) == has a planted scratch
   false alarms / clean   detection rows per clean frame (and clean frames flagged)
@@ -63,7 +66,11 @@ from scratch_detector import perturb  # noqa: E402  (numpy and OpenCV only: this
 # The frames are built by a child of their own (--build-worker), which reads the checkpoint and the split.
 NATIVE = 200                                         # dataset.NATIVE_SIZE: infer.py's default tile
 SIZES = [(1000, 1000), (1024, 4096), (1500, 2000)]   # (height, width) of the continuous frames, in turn
-FLATTEN_SIGMA, HIGH_PASS_SIGMA, BOX_MARGIN = 25.0, 6.0, 4
+HIGH_PASS_SIGMA, BOX_MARGIN = 6.0, 4
+# The scale at which a background's illumination is flattened before quilting. Coarser scales leave brightness
+# differences that the quilt shows as a patchwork of blocks; this one is also a high-pass that changes the
+# model's verdicts on some whole NEU images, which the control images measure (bench/README.md, large frames).
+FLATTEN_SIGMA = 25.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,10 +133,16 @@ def quilt(source: np.ndarray, height: int, width: int, rng, block: int = 100, ov
     return out[:height, :width]
 
 
-def continuous_background(source: np.ndarray, height: int, width: int, method: str, rng) -> np.ndarray:
+def flatten(source: np.ndarray, sigma: float = FLATTEN_SIGMA) -> np.ndarray:
+    """The image minus its Gaussian blur of `sigma` px, plus its mean: its slow illumination gradient removed."""
+    return source - cv2.GaussianBlur(source, (0, 0), sigma) + source.mean()
+
+
+def continuous_background(source: np.ndarray, height: int, width: int, method: str, rng,
+                          sigma: float = FLATTEN_SIGMA) -> np.ndarray:
     """One image's texture over height x width, illumination flattened first (so blocks or mirrored copies
     meet at the same brightness)."""
-    flat = source - cv2.GaussianBlur(source, (0, 0), FLATTEN_SIGMA) + source.mean()
+    flat = flatten(source, sigma)
     if method == "quilt":
         return quilt(flat, height, width, rng)
     return np.pad(flat, ((0, height - flat.shape[0]), (0, width - flat.shape[1])), mode="symmetric")
@@ -197,16 +210,18 @@ class Truth:
     width: int
     background: str            # NEU class of the background
     scratches: list[list[tuple[int, int, int, int]]] = field(default_factory=list)  # per planted scratch, its boxes
+    source: str = ""           # a continuous frame's background image (its file's stem)
 
 
 class Sources:
     """The split's images (test unless --split val), drawn in a seeded shuffled order (cycling when a set needs
     more)."""
 
-    def __init__(self, samples, annotations, seed: int, background: str = "quilt", planting: str = "clone"):
+    def __init__(self, samples, annotations, seed: int, background: str = "quilt", planting: str = "clone",
+                 flatten_sigma: float = FLATTEN_SIGMA):
         import dataset
         rng = np.random.default_rng(seed)
-        self.rng, self.method, self.plant = rng, background, PLANTERS[planting]
+        self.rng, self.method, self.plant, self.flatten_sigma = rng, background, PLANTERS[planting], flatten_sigma
         self.clean = {c: [s for s in samples if s.neu_class == c]
                       for c in dataset.NEU_CLASSES if c != dataset.DEFECT_CLASS}
         for items in self.clean.values():
@@ -237,8 +252,9 @@ def save(frame: np.ndarray, path: Path) -> None:
 
 def continuous_frame(sources: Sources, folder: Path, truth: Truth, index: int, n_scratches: int) -> Truth:
     sample = sources.background(index)
-    truth.background = sample.neu_class
-    frame = continuous_background(gray(sample.path), truth.height, truth.width, sources.method, sources.rng)
+    truth.background, truth.source = sample.neu_class, Path(sample.relpath).stem
+    frame = continuous_background(gray(sample.path), truth.height, truth.width, sources.method, sources.rng,
+                                  sources.flatten_sigma)
     for x, y in places(sources.rng, truth.height, truth.width, n_scratches):
         scratch, boxes = sources.scratch()
         truth.scratches.append(sources.plant(frame, gray(scratch.path), boxes, x, y))
@@ -279,6 +295,22 @@ def build_accuracy_frames(sources: Sources, folder: Path, n_clean: int, n_scratc
         kind = "scratch" if i < 4 else "clean"
         truths.append(mosaic_frame(sources, folder, Truth(f"mosaic/{kind}_{i}.png", "mosaic", 1000, 1000, ""), 25 * i,
                                    i < 4))
+    return truths + control_images(sources, folder)
+
+
+def control_images(sources: Sources, folder: Path) -> list[Truth]:
+    """The control for the backgrounds: every non-scratch image of the split, whole, as it is and flattened as
+    the backgrounds are (continuous_background's first step). A false alarm among the flattened ones that the
+    image as it is does not make is the filter's doing, not the frame's."""
+    truths = []
+    for neu_class, items in sources.clean.items():
+        for sample in sorted(items, key=lambda item: item.relpath):
+            source = gray(sample.path)
+            for kind, image in (("as_is", source), ("flattened", flatten(source, sources.flatten_sigma))):
+                truth = Truth(f"control/{kind}/{Path(sample.relpath).stem}.png", f"control_{kind}", *source.shape,
+                              neu_class)
+                save(image, folder / truth.name)
+                truths.append(truth)
     return truths
 
 
@@ -311,7 +343,8 @@ def build_worker(args) -> int:
     data_dir = default_data_dir(args.data_dir)
     _, meta = load_checkpoint(args.model)
     samples, _ = select_samples(data_dir, meta, args.split)
-    sources = Sources(samples, find_annotations(data_dir), args.seed, args.background, args.plant)
+    sources = Sources(samples, find_annotations(data_dir), args.seed, args.background, args.plant,
+                      args.flatten_sigma)
     if args.speed:
         truths = build_speed_inputs(sources, samples, work, args.small, args.distinct, [args.distinct, args.many])
     else:
@@ -327,7 +360,7 @@ def build_worker(args) -> int:
 def build(args, work: Path) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--build-worker", "--work", str(work),
                "--model", str(args.model), "--split", args.split, "--seed", str(args.seed),
-               "--background", args.background, "--plant", args.plant,
+               "--background", args.background, "--plant", args.plant, "--flatten-sigma", str(args.flatten_sigma),
                "--clean", str(args.clean), "--scratch", str(args.scratch), "--small", str(args.small),
                "--distinct", str(args.distinct), "--many", str(args.many)]
     command += (["--data-dir", str(args.data_dir)] if args.data_dir else []) + (["--speed"] if args.speed else [])
@@ -398,7 +431,7 @@ def score(truths: list[Truth], output: Path) -> list[Scored]:
         planted = [b for scratch in truth.scratches for b in scratch]
         heat_path = output / "heatmaps" / (truth.name.rsplit(".", 1)[0] + "_heatmap.npy")
         heat = np.load(heat_path).astype(np.float32)
-        top = tuple(map(int, row["max_tile"].split(",")))
+        top = tuple(map(int, row["max_tile"].split(","))) if row["max_tile"] else (0, 0, truth.width, truth.height)
         scored.append(Scored(
             truth, row["label"] == "1", float(row["defect_probability"]), int(row["tiles"]), found[truth.name],
             [any(touches(d, b) for d in boxes for b in scratch) for scratch in truth.scratches],
@@ -426,13 +459,30 @@ def table_row(name: str, scored: list[Scored]) -> list:
             f"{max(s.heat_max for s in clean):.3f}" if clean else "-"]
 
 
-def failures(scored: list[Scored]) -> list[str]:
+def control_rows(scored: list[Scored]) -> list[list]:
+    """Per background class (and all): the control images' false alarms and mean p, as they are and flattened."""
+    by = {kind: [s for s in scored if s.truth.kind == f"control_{kind}"] for kind in ("as_is", "flattened")}
+    rows = []
+    for neu_class in sorted({s.truth.background for s in by["as_is"]}) + ["all"]:
+        picked = {kind: [s for s in items if neu_class in ("all", s.truth.background)] for kind, items in by.items()}
+        rows.append([neu_class, len(picked["as_is"]),
+                     *[sum(s.flagged for s in picked[kind]) for kind in by],
+                     *[f"{np.mean([s.probability for s in picked[kind]]):.3f}" for kind in by]])
+    return rows
+
+
+def failures(scored: list[Scored], flattened: dict[str, float] | None = None) -> list[str]:
+    """One line per frame that misses a target; flattened: the control's p(defect) of each background image
+    flattened (by stem), quoted beside a clean frame's false alarm."""
+    flattened = flattened or {}
     lines = []
     for s in scored:
         what = []
         if not s.truth.scratches and s.flagged:
             what.append(f"false alarm: {len(s.detections)} tiles, p={s.probability:.4f} "
-                        f"at {[b for b, _ in s.detections][:4]}")
+                        f"at {[b for b, _ in s.detections][:4]}"
+                        + (f"; its background image flattened, whole: p={flattened[s.truth.source]:.4f}"
+                           if s.truth.source in flattened else ""))
         if s.truth.scratches:
             if not all(s.found):
                 what.append(f"missed {s.found.count(False)} of {len(s.found)} scratches, p={s.probability:.4f}, "
@@ -444,7 +494,8 @@ def failures(scored: list[Scored]) -> list[str]:
             if not s.top_hit:
                 what.append(f"top tile off the scratch (p={s.probability:.4f})")
         if what:
-            lines.append(f"- {s.truth.name} ({s.truth.height}x{s.truth.width}, background {s.truth.background}): "
+            lines.append(f"- {s.truth.name} ({s.truth.height}x{s.truth.width}, background {s.truth.background}"
+                         + (f" from {s.truth.source}" if s.truth.source else "") + "): "
                          + "; ".join(what))
     return lines
 
@@ -468,7 +519,8 @@ def accuracy_bench(args, model: Path, info: dict, work: Path) -> None:
           f"{run.wall_s:.0f} s, peak RSS {run.peak_rss_mib:.0f} MiB")
     print(f"- data: {info['data_dir']}, {args.split} split: {info['n_images']} images "
           f"({info['n_scratch_sources']} annotated scratches, {info['n_clean_sources']} others)")
-    print(f"- continuous frames ({args.background} backgrounds, scratches planted by {args.plant}, seed "
+    print(f"- continuous frames ({args.background} backgrounds flattened at sigma {args.flatten_sigma:g} px, "
+          f"scratches planted by {args.plant}, seed "
           f"{args.seed}): sizes "
           f"{', '.join(f'{w}x{h}' for h, w in SIZES)} (W x H) in turn; scratch frames hold 1, 2, 3 scratches in "
           f"turn; backgrounds cycle through the 5 non-scratch classes")
@@ -483,8 +535,13 @@ def accuracy_bench(args, model: Path, info: dict, work: Path) -> None:
         by_class[s.truth.background].append(s)
     print("\nContinuous frames by background class:\n")
     print(markdown_table(HEADER, [table_row(c, by_class[c]) for c in sorted(by_class)]))
+    print(f"\nControl: the split's non-scratch images, whole, as they are and flattened (sigma "
+          f"{args.flatten_sigma:g} px) as the backgrounds are; false alarms of each:\n")
+    print(markdown_table(["background class", "images", "false alarms, as they are", "false alarms, flattened",
+                          "mean p(defect), as they are", "mean p(defect), flattened"], control_rows(scored)))
+    flattened = {Path(s.truth.name).stem: s.probability for s in scored if s.truth.kind == "control_flattened"}
     for name, items in sets.items():
-        lines = failures(items)
+        lines = failures(items, flattened)
         print(f"\nFrames that miss a target, {name}: " + ("none" if not lines else ""))
         print("\n".join(lines))
     if args.keep:
@@ -569,6 +626,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="which images go where (default: %(default)s)")
     p.add_argument("--background", choices=["quilt", "mirror"], default="quilt",
                    help="continuous backgrounds by image quilting, or by mirror tiling (default: %(default)s)")
+    p.add_argument("--flatten-sigma", type=float, default=FLATTEN_SIGMA,
+                   help="px: the backgrounds' illumination is flattened by subtracting their Gaussian blur of this "
+                   "sigma (default: %(default)s)")
     p.add_argument("--plant", choices=sorted(PLANTERS), default="clone",
                    help="how scratches are planted: clone (OpenCV seamlessClone of the annotated boxes, independent "
                    "of training) or marks (perturb.scratch_marks, the operation train.py's transplant trains on; "

@@ -54,3 +54,33 @@ def test_quilting_survives_a_best_match_rounded_below_zero(monkeypatch):
     out = frames.quilt(source, 260, 330, np.random.default_rng(1))
     assert out.shape == (260, 330)
     assert source.min() <= out.min() and out.max() <= source.max()  # every pixel comes from the source
+
+
+def test_the_control_images_are_the_backgrounds_filter_applied_to_whole_images(tmp_path):
+    """The control beside the frames: each non-scratch image of the split as it is, and flattened exactly as a
+    background is before quilting, so that false alarms the filter makes by itself can be told apart."""
+    from types import SimpleNamespace
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    samples = []
+    for name, neu_class, label in (("inclusion_1", "inclusion", 0), ("patches_7", "patches", 0),
+                                   ("scratches_3", "scratches", 1)):
+        # a texture on a strong left-to-right illumination gradient
+        image = np.clip(rng.normal(0, 12, (200, 200)) + np.linspace(60, 190, 200)[None, :], 0, 255).astype(np.uint8)
+        path = tmp_path / f"{name}.jpg"
+        Image.fromarray(image).save(path, quality=100)
+        samples.append(SimpleNamespace(path=path, relpath=f"{neu_class}/{name}.jpg", neu_class=neu_class, label=label))
+    sources = frames.Sources(samples, {}, seed=0)
+    truths = frames.control_images(sources, tmp_path / "frames")
+    assert sorted(t.name for t in truths) == sorted(f"control/{kind}/{stem}.png" for kind in ("as_is", "flattened")
+                                                    for stem in ("inclusion_1", "patches_7"))
+    for stem in ("inclusion_1", "patches_7"):
+        source = frames.gray(tmp_path / f"{stem}.jpg")
+        as_is = frames.gray(tmp_path / "frames" / "control" / "as_is" / f"{stem}.png")
+        flat = frames.gray(tmp_path / "frames" / "control" / "flattened" / f"{stem}.png")
+        assert np.array_equal(as_is, source)
+        background = frames.continuous_background(source, 200, 200, "mirror", np.random.default_rng(0))
+        assert np.abs(flat - np.clip(np.rint(background), 0, 255)).max() == 0  # the backgrounds' own first step
+        gradient, left = np.ptp(source.mean(0)), np.ptp(flat.mean(0))  # brightness across the columns
+        assert gradient > 100 and left < 0.5 * gradient
+        assert abs(flat.mean() - source.mean()) < 2
