@@ -16,10 +16,9 @@ A frame:
   background  one non-scratch test image with its illumination flattened (minus its Gaussian blur of sigma
               25 px, --flatten-sigma, plus its mean), grown to the frame size by image quilting (Efros &
               Freeman 2001: blocks of it joined along minimal-error cuts). The texture runs on without a seam,
-              so the benchmark
-              neither rewards nor punishes tile seams. --background mirror mirror-tiles the image instead
-              (numpy 'symmetric'): continuous too, but the mirror axes repeat every 200 px as symmetric
-              shapes (a dark blob doubled into an elongated one) that no steel surface has.
+              so the benchmark neither rewards nor punishes tile seams. --background mirror mirror-tiles the
+              image instead (numpy 'symmetric'): continuous too, but the mirror axes repeat every 200 px as
+              symmetric shapes (a dark blob doubled into an elongated one) that no steel surface has.
   scratch     a test scratch image's annotated boxes (+4 px) at a random place, by --plant:
               clone (default) OpenCV's seamlessClone (Poisson blending): the region's own gradients, its levels
                     fitted to the frame around it. Independent of training.
@@ -134,7 +133,8 @@ def quilt(source: np.ndarray, height: int, width: int, rng, block: int = 100, ov
 
 
 def flatten(source: np.ndarray, sigma: float = FLATTEN_SIGMA) -> np.ndarray:
-    """The image minus its Gaussian blur of `sigma` px, plus its mean: its slow illumination gradient removed."""
+    """The image minus its Gaussian blur of `sigma` px, plus its mean: its shading coarser than about `sigma`
+    removed."""
     return source - cv2.GaussianBlur(source, (0, 0), sigma) + source.mean()
 
 
