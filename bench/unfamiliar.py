@@ -411,19 +411,22 @@ def pooled_features(model, meta: dict, pixels: torch.Tensor, device) -> torch.Te
     return predict_logits(model, pixels, meta["normalization"], 64, device, POOLED)[1]
 
 
-def fit_nearest(features_of, train_pixels: torch.Tensor, val_pixels: torch.Tensor, stats: dict, seed: int) -> dict:
+def whitening(stats: dict) -> torch.Tensor:
+    """L with L L^T = the shared precision: |x L - y L| is the Mahalanobis distance between x and y."""
+    return torch.linalg.cholesky(stats["precision"].double()).float()
+
+
+def fit_nearest(copies: dict, stats: dict) -> dict:
     """The nearest-neighbour candidate (Sun et al. 2022, "Out-of-distribution detection with deep nearest
     neighbors"): the same vectors as the shipped score (familiarity.describe), whitened by its shared covariance,
-    against every training image and its copies; the cut-off from validation and its copies at the shipped
-    quantile. The copies are drawn as familiarity.fit_model draws them (same seed, same order)."""
-    generator = torch.Generator().manual_seed(seed)
-    whiten = torch.linalg.cholesky(stats["precision"].double()).float()  # x P x^T = |x L|^2
+    against every training image and its copies (familiarity.copy_features, the copies train.py fits on); the
+    cut-off from validation and its copies at the shipped quantile."""
+    whiten = whitening(stats)
 
-    def described(pixels):
-        return torch.cat([familiarity.describe(features_of(p), p, stats)
-                          for p in familiarity.with_copies(pixels, generator)]) @ whiten
-    nearest = {"reference": described(train_pixels), "whiten": whiten}
-    nearest["cutoff"] = float(np.quantile(nearest_score(described(val_pixels), nearest).numpy(), stats["quantile"]))
+    def whitened(part):
+        return familiarity.with_pixel_statistics(*copies[part], stats) @ whiten
+    nearest = {"reference": whitened("train"), "whiten": whiten}
+    nearest["cutoff"] = float(np.quantile(nearest_score(whitened("val"), nearest).numpy(), stats["quantile"]))
     return nearest
 
 
@@ -433,7 +436,7 @@ def nearest_score(whitened: torch.Tensor, nearest: dict) -> torch.Tensor:
 
 def unit_scores(model, meta: dict, stats: dict, fitted: dict, pixels: torch.Tensor, device) -> dict:
     """Per image: each candidate score (larger = less familiar) and the calibrated p(defect). fitted: the
-    statistics of the candidates fitted here ("features_only", "pooled_1280")."""
+    statistics of the candidates fitted here ("features_only", "pooled_1280", "nearest")."""
     logits, early = predict_logits(model, pixels, meta["normalization"], 64, device, stats["layer"])
     raw = logits * meta["temperature"]
     pooled = fitted["pooled_1280"]
@@ -483,6 +486,9 @@ def main(argv=None) -> int:
     def features_of(pixels_):
         return predict_features(model, pixels_, meta["normalization"], 64, device, familiarity.LAYER)
     train_classes, seed = [s.neu_class for s in split["train"]], int(meta.get("seed") or 0)
+    # the training and validation images and their copies, as train.py fits the familiarity statistics on them:
+    # computed once, for the refit and the candidates fitted here
+    copies = familiarity.copy_features(features_of, pixels["train"], pixels["val"], seed)
     if stats is None:  # an older checkpoint: fit what train.py now fits, from its own splits, as train.py does
         fitted = fit_after_training(model, pixels["train"], train_classes, pixels["val"], labels["val"],
                                     meta["normalization"], 64, device, seed)
@@ -493,20 +499,18 @@ def main(argv=None) -> int:
                      "calibrated p are fitted here from its own training and validation splits, as train.py fits "
                      "them")
     elif args.refit:
-        stats = familiarity.fit_model(features_of, pixels["train"], train_classes, pixels["val"], seed)
+        stats = familiarity.fit_copies(copies, train_classes)
         notes.append("--refit: the familiarity statistics are fitted here with the current code, from the "
                      "checkpoint's own training and validation splits, as train.py fits them")
-    fitted = {"pooled_1280": familiarity.fit(pooled_features(model, meta, pixels["train"], device),
-                                             [s.neu_class for s in split["train"]],
+    fitted = {"pooled_1280": familiarity.fit(pooled_features(model, meta, pixels["train"], device), train_classes,
                                              pooled_features(model, meta, pixels["val"], device), layer=POOLED),
-              "features_only": familiarity.fit_model(features_of, pixels["train"], train_classes, pixels["val"], seed,
-                                                     with_pixels=False)}
-    fitted["nearest"] = fit_nearest(features_of, pixels["train"], pixels["val"], stats, seed)
+              "features_only": familiarity.fit_copies(copies, train_classes, with_pixels=False),
+              "nearest": fit_nearest(copies, stats)}
     scores = {name: unit_scores(model, meta, stats, fitted, pixels[name], device) for name in ("val", "test")}
     cutoffs = {c: float(np.quantile(scores["val"][c], stats["quantile"])) for c in CANDIDATES}
     cutoffs.update(shipped=float(stats["cutoff"]), pooled_1280=float(fitted["pooled_1280"]["cutoff"]),
-                   features_only=float(fitted["features_only"]["cutoff"]))
-    cutoffs.update(nearest=fitted["nearest"]["cutoff"], either=1.0)
+                   features_only=float(fitted["features_only"]["cutoff"]), nearest=fitted["nearest"]["cutoff"],
+                   either=1.0)  # "either" is each score over its own cut-off
 
     with tempfile.TemporaryDirectory() as tmp:
         others = {which: [(name, source, file_scores(model, meta, stats, fitted, path, device))

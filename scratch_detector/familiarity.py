@@ -89,9 +89,18 @@ def pixel_statistics(pixels, chunk: int = 64) -> torch.Tensor:
 def describe(features: torch.Tensor, pixels, stats: dict) -> torch.Tensor:
     """The vector the score measures: the pooled features, and when `stats` has them (a checkpoint fitted since
     they were added), the standardised pixel statistics of the same images appended."""
-    if stats.get("pixel_center") is None:
+    return with_pixel_statistics(features, pixel_statistics(pixels) if has_pixel_statistics(stats) else None, stats)
+
+
+def has_pixel_statistics(stats: dict) -> bool:
+    return stats.get("pixel_center") is not None
+
+
+def with_pixel_statistics(features: torch.Tensor, pixel_stats: torch.Tensor | None, stats: dict) -> torch.Tensor:
+    """describe() from pixel statistics already computed (PIXEL_STATISTICS of the same images, or None)."""
+    if not has_pixel_statistics(stats):
         return features.float()
-    extra = (pixel_statistics(pixels) - stats["pixel_center"]) / stats["pixel_scale"]
+    extra = (pixel_stats - stats["pixel_center"]) / stats["pixel_scale"]
     return torch.cat([features.float(), extra.to(features.device)], 1)
 
 
@@ -160,26 +169,37 @@ def with_copies(pixels: torch.Tensor, generator: torch.Generator, copies: int = 
         yield augment(pixels, generator, COPY_AUGMENTATION)
 
 
-def fit_model(features_of: Callable[[torch.Tensor], torch.Tensor], train_pixels: torch.Tensor, train_classes,
-              val_pixels: torch.Tensor, seed: int = 0, with_pixels: bool = True) -> dict:
-    """fit() on the features (features_of: uint8 pixels -> (N, C) features at LAYER) and pixel statistics of the
-    training images and their copies (labels: their NEU classes), with the cut-off from the validation images and
-    their copies. The pixel statistics are standardised by the training images' and copies' own; with_pixels=False
-    fits the features alone (the score before pixel statistics, for comparison)."""
+def copy_features(features_of: Callable[[torch.Tensor], torch.Tensor], train_pixels: torch.Tensor,
+                  val_pixels: torch.Tensor, seed: int = 0) -> dict:
+    """The training and validation images and their COPIES copies, as fit_model() draws them (one generator,
+    the training images' copies first) -> {"train": (features at LAYER, pixel statistics), "val": (...)}, the
+    rows in the order of with_copies()."""
     generator = torch.Generator().manual_seed(seed)
 
     def described(pixels):
         copies = list(with_copies(pixels, generator))
-        return (torch.cat([features_of(p) for p in copies]),
-                torch.cat([pixel_statistics(p) for p in copies]) if with_pixels else None)
-    train, train_pixel_stats = described(train_pixels)
-    val, val_pixel_stats = described(val_pixels)
+        return torch.cat([features_of(p) for p in copies]), torch.cat([pixel_statistics(p) for p in copies])
+    return {"train": described(train_pixels), "val": described(val_pixels)}
+
+
+def fit_copies(copies: dict, train_classes, with_pixels: bool = True) -> dict:
+    """fit() on copy_features()'s output (labels: the training images' NEU classes), the cut-off from the
+    validation images and their copies. The pixel statistics are standardised by the training images' and copies'
+    own; with_pixels=False fits the features alone (the score before pixel statistics, for comparison)."""
+    (train, train_pixel_stats), (val, val_pixel_stats) = copies["train"], copies["val"]
     classes = np.tile(np.asarray(train_classes), COPIES + 1)
     if not with_pixels:
         return fit(train.numpy(), classes, val.numpy())
     center, scale = train_pixel_stats.mean(0), train_pixel_stats.std(0).clamp(min=1e-6)
     return fit(torch.cat([train, (train_pixel_stats - center) / scale], 1).numpy(), classes,
                torch.cat([val, (val_pixel_stats - center) / scale], 1).numpy(), pixel_center=center, pixel_scale=scale)
+
+
+def fit_model(features_of: Callable[[torch.Tensor], torch.Tensor], train_pixels: torch.Tensor, train_classes,
+              val_pixels: torch.Tensor, seed: int = 0, with_pixels: bool = True) -> dict:
+    """fit_copies() on the features (features_of: uint8 pixels -> (N, C) features at LAYER) and pixel statistics of
+    the training images and their copies, with the cut-off from the validation images and their copies."""
+    return fit_copies(copy_features(features_of, train_pixels, val_pixels, seed), train_classes, with_pixels)
 
 
 def is_familiar(value: float | None, cutoff: float | None) -> bool | None:

@@ -21,7 +21,7 @@ def test_the_whitened_distance_is_the_mahalanobis_distance_and_zero_on_a_trainin
     mixing = rng.normal(size=(6, 6))
     train = rng.normal(size=(300, 6)) @ mixing  # correlated features
     stats = familiarity.fit(train, np.zeros(len(train), int), train[:50])
-    whiten = torch.linalg.cholesky(stats["precision"].double()).float()
+    whiten = unfamiliar.whitening(stats)
     reference = torch.as_tensor(train, dtype=torch.float32)
     nearest = {"reference": reference @ whiten, "whiten": whiten}
     queries = torch.as_tensor(rng.normal(size=(5, 6)) @ mixing, dtype=torch.float32)
