@@ -37,8 +37,8 @@ from scratch_detector.augment import (AUGMENTATIONS, PROBABILITY_NAMES, augment,
                                       scratch_mark_bank, transplant)
 from scratch_detector.curves import plot_curves
 from scratch_detector.metrics import binary_metrics, find_annotations
-from scratch_detector.model import (PRETRAINED_CHOICES, build_model, load_checkpoint, model_from_checkpoint,
-                                    pick_device, predict_probabilities, save_checkpoint)
+from scratch_detector.model import (PRETRAINED_CHOICES, build_model, freeze_first_blocks, load_checkpoint,
+                                    model_from_checkpoint, pick_device, predict_probabilities, save_checkpoint)
 from scratch_detector.posthoc import fit_after_training
 from scratch_detector.runtime import UserError, ensure_writable_dir, release_free_memory, run_main, write_csv
 
@@ -56,6 +56,7 @@ DEFAULTS = dict(
     explain_layer="features.2",
     explain_weight=1.0,
     explain_every=16,      # the heatmap loss on every 16th batch: bench/README.md, how often the heatmap loss runs
+    freeze_blocks=0,       # blocks of `features` kept at their starting weights (not with random init)
 )
 
 
@@ -104,6 +105,9 @@ def parse_args(argv=None):
                    help="layer whose LayerCAM map that loss shapes (default: %(default)s)")
     p.add_argument("--explain-every", type=int, default=DEFAULTS["explain_every"],
                    help="apply that loss on every N-th batch (default: %(default)s)")
+    p.add_argument("--freeze-blocks", type=int, default=DEFAULTS["freeze_blocks"], metavar="N",
+                   help="keep the first N blocks of the network at their starting weights (ImageNet or --init): "
+                   "their backward pass is skipped; ignored with random init (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--cv-fold", type=int, nargs=2, metavar=("K", "N"),
                    help="cross-validation: the same test split, train + validation dealt into N folds, fold K "
@@ -136,6 +140,13 @@ def parse_args(argv=None):
         p.error("--cv-fold K N needs 0 <= K < N")
     if args.explain_weight < 0 or args.explain_every < 1:
         p.error("--explain-weight must be >= 0 and --explain-every >= 1")
+    if args.freeze_blocks < 0:
+        p.error("--freeze-blocks must be >= 0")
+    explained_block = args.explain_layer.split(".")
+    if args.explain_weight > 0 and explained_block[0] == "features" and len(explained_block) > 1 \
+            and explained_block[1].isdigit() and args.freeze_blocks > int(explained_block[1]):
+        p.error(f"--freeze-blocks {args.freeze_blocks} would freeze {args.explain_layer}, whose heatmap the "
+                f"heatmap loss shapes; freeze at most {explained_block[1]} blocks, or --explain-weight 0")
     args.augment_prob = parse_probabilities(p, args.augment_prob)
     try:
         args.policy = policy(args.augment_prob)
@@ -354,6 +365,11 @@ def main(argv=None) -> int:
             setattr(args, key, init_meta[key])
     else:
         model, init = build_model(args.pretrained)
+    # random init has no filters worth keeping: nothing is frozen then
+    args.freeze_blocks = args.freeze_blocks if args.init or not init.startswith("none") else 0
+    if args.freeze_blocks:
+        frozen = freeze_first_blocks(model, args.freeze_blocks)
+        print(f"frozen: the first {args.freeze_blocks} blocks ({frozen} parameters) keep their starting weights")
 
     data = gather_splits(args, init_meta, reports)
     splits, own_train, replay = data["splits"], data["own_train"], data["replay"]
@@ -389,7 +405,7 @@ def main(argv=None) -> int:
               "heatmap loss: no scratch boxes found: skipped")
 
     generator = torch.Generator().manual_seed(args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(batch_indices(torch.arange(len(labels["train"])), args.batch_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(args.epochs * steps_per_epoch))
 
@@ -444,7 +460,8 @@ def main(argv=None) -> int:
         "epochs": args.epochs,
         "seed": args.seed,
         "hyperparameters": {**{k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "max_per_class",
-                                                             "explain_weight", "explain_layer", "explain_every")},
+                                                             "explain_weight", "explain_layer", "explain_every",
+                                                             "freeze_blocks")},
                             "augment": list(args.augment),
                             **({"augment_prob": args.augment_prob} if args.augment_prob else {}),
                             **({"start_weight": args.start_weight} if args.init else {})},

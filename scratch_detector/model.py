@@ -144,6 +144,19 @@ def build_model(pretrained: str = "auto") -> tuple[nn.Module, str]:
     return _random_init(), "none (random init: ImageNet weights unavailable)"
 
 
+def freeze_first_blocks(model: nn.Module, count: int) -> int:
+    """Keep the first `count` blocks of `model.features` at their starting weights (no gradient, no update).
+    Started from ImageNet or a trained checkpoint, their low-level filters already fit, and the backward pass
+    then stops above them, where the largest feature maps make it costliest. Their BatchNorm statistics still
+    follow the data (they stay in training mode). Returns the number of parameters frozen."""
+    frozen = 0
+    for block in list(model.features)[:count]:
+        for parameter in block.parameters():
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
+
+
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, str, dict]:
     """A trainable B0 holding a trained checkpoint's weights (train.py --init) -> (model, initialisation
     text, the checkpoint's metadata). The text names the file, its SHA-256 and what that model started from,

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_script, synthetic_image, write_voc
 
 import dataset
@@ -17,7 +18,7 @@ from scratch_detector import augment as augmentation
 from scratch_detector import perturb
 from scratch_detector.evaluation import select_samples
 from scratch_detector.metrics import binary_metrics
-from scratch_detector.model import load_checkpoint, predict_probabilities
+from scratch_detector.model import build_model, freeze_first_blocks, load_checkpoint, predict_probabilities
 
 FLIPS = {0, 2, 5, 7}  # perturb.dihedral's identity, half turn (both flips), and the up-down and left-right flips
 
@@ -171,11 +172,42 @@ def test_checkpoint_records_the_probabilities_it_trained_with(neu_dir, tmp_path)
     result = run_script("train.py", "--data-dir", neu_dir, "--output", tmp_path / "m.pth", "--reports",
                         tmp_path / "outputs", "--max-per-class", 4, "--epochs", 1, "--image-size", 48,
                         "--pretrained", "none", "--test-images", "", "--augment-prob", "blur=0.5", "transplant=0",
+                        "--freeze-blocks", 2,
                         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "blur p 0.5, transplant p 0" in result.stdout
     _, meta = load_checkpoint(tmp_path / "m.pth")
     assert meta["hyperparameters"]["augment_prob"] == {"blur": 0.5, "transplant": 0.0}
+    # random init has nothing worth keeping: no block frozen, and the checkpoint says so
+    assert meta["hyperparameters"]["freeze_blocks"] == 0 and "frozen" not in result.stdout
+
+
+def test_frozen_blocks_keep_their_weights_and_the_blocks_above_train(one_torch_thread):
+    torch.manual_seed(0)
+    model, _ = build_model("none")
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    frozen = freeze_first_blocks(model, 2)
+    assert frozen == sum(p.numel() for block in list(model.features)[:2] for p in block.parameters()) > 0
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    F.cross_entropy(model(torch.randn(4, 3, 48, 48)), torch.tensor([0, 1, 0, 1])).backward()
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        if name.startswith(("features.0.", "features.1.")):
+            assert parameter.grad is None and torch.equal(parameter, start[name]), name
+    above = {n: p for n, p in model.named_parameters() if n.startswith("features.2.")}
+    assert all(p.grad is not None for p in above.values())
+    assert sum(not torch.equal(p, start[n]) for n, p in above.items()) > len(above) // 2
+    # their BatchNorm statistics still follow the data
+    assert not torch.equal(model.state_dict()["features.0.1.running_mean"], start["features.0.1.running_mean"])
+
+
+def test_freeze_blocks_cannot_freeze_the_layer_the_heatmap_loss_shapes(capsys):
+    assert train.parse_args(["--freeze-blocks", "2"]).freeze_blocks == 2
+    with pytest.raises(SystemExit):
+        train.parse_args(["--freeze-blocks", "3"])
+    assert "would freeze features.2" in capsys.readouterr().err
+    assert train.parse_args(["--freeze-blocks", "3", "--explain-weight", "0"]).freeze_blocks == 3
 
 
 # ---------------------------------------------------------------------------------------------------------
