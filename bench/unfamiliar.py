@@ -586,6 +586,10 @@ def main(argv=None) -> int:
     print(f"\ncalibration (ECE of p(defect), 10 bins): validation {c['val']['ece_without_temperature']:.4f} -> "
           f"{c['val']['ece']:.4f}, test {c['test']['ece_without_temperature']:.4f} -> {c['test']['ece']:.4f} "
           f"(without -> with temperature {T:.3f})")
+    for name in ("val", "test"):
+        low, high = c[name]["ece_interval_95"]
+        print(f"  {name}: 95 % bootstrap interval {low:.4f} to {high:.4f}; a perfectly calibrated model making "
+              f"these predictions stays under {c[name]['ece_if_calibrated_95']:.4f} 95 times in 100")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0

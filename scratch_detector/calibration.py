@@ -13,6 +13,9 @@ from torch import nn
 # T is searched on a log grid within these bounds.
 T_MIN, T_MAX = 0.05, 20.0
 RELIABILITY_BINS = 10
+# The ECE's uncertainty: a percentile interval over this many resamples of the images, with a fixed seed so that
+# the same predictions always report the same interval.
+BOOTSTRAP_ROUNDS, BOOTSTRAP_SEED = 2000, 0
 
 
 def smoothed_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -84,11 +87,42 @@ def expected_calibration_error(probabilities, labels, bins: int = RELIABILITY_BI
     return float(sum(row["count"] * abs(row["scratch_rate"] - row["mean_p"]) for row in table if row["count"]) / total)
 
 
+def ece_interval(probabilities, labels, level: float = 0.95, rounds: int = BOOTSTRAP_ROUNDS,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """A bootstrap percentile interval of the ECE: the images resampled with replacement. On a few hundred
+    images the ECE moves by more than a target's margin, so a figure next to a target needs its spread. Like the
+    ECE itself it leans high (resampling adds noise to every bin's gap): read it with ece_if_calibrated."""
+    p, y = np.asarray(probabilities, np.float64), np.asarray(labels, np.float64)
+    if not len(p):
+        return float("nan"), float("nan")
+    draws = np.random.default_rng(seed).integers(0, len(p), (rounds, len(p)))
+    values = [expected_calibration_error(p[d], y[d]) for d in draws]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def ece_if_calibrated(probabilities, level: float = 0.95, rounds: int = BOOTSTRAP_ROUNDS,
+                      seed: int = BOOTSTRAP_SEED) -> float:
+    """The ECE that a perfectly calibrated model making exactly these predictions would stay under with
+    probability `level` on this many images: labels drawn as Bernoulli(p) (consistency resampling, Broecker and
+    Smith 2007). The ECE is never 0 on a finite split; an observed ECE above this is more than chance."""
+    p = np.asarray(probabilities, np.float64)
+    if not len(p):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    values = [expected_calibration_error(p, rng.uniform(size=len(p)) < p) for _ in range(rounds)]
+    return float(np.percentile(values, level * 100))
+
+
 def calibration_summary(logits: torch.Tensor, labels, temperature: float) -> dict:
-    """ECE of p(defect) with the checkpoint's temperature (the p every reader gets) and without it, and the
+    """ECE of p(defect) with the checkpoint's temperature (the p every reader gets), its 95 % bootstrap
+    interval and what a perfectly calibrated model would show, the ECE without the temperature, and the
     reliability table. `logits` are load_checkpoint's: already divided by the temperature."""
     calibrated = logits.softmax(1)[:, 1].numpy()
     raw = (logits * temperature).softmax(1)[:, 1].numpy()
     return {"temperature": float(temperature), "ece": expected_calibration_error(calibrated, labels),
+            "ece_interval_95": list(ece_interval(calibrated, labels)),
+            "ece_if_calibrated_95": ece_if_calibrated(calibrated),
             "ece_without_temperature": expected_calibration_error(raw, labels),
             "reliability": reliability_table(calibrated, labels)}

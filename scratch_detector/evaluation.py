@@ -171,8 +171,11 @@ def summary_line(metrics: dict) -> str:
             f"ROC AUC {metrics['roc_auc']:.4f} (tn {cm['tn']} fp {cm['fp']} fn {cm['fn']} tp {cm['tp']})")
     calibration = metrics.get("calibration")
     if calibration:
+        low, high = calibration["ece_interval_95"]
         text += (f"; calibration error (ECE) {calibration['ece']:.4f} at temperature {calibration['temperature']:.3f}"
-                 f" ({calibration['ece_without_temperature']:.4f} without)")
+                 f" ({calibration['ece_without_temperature']:.4f} without; 95 % bootstrap interval {low:.4f} to "
+                 f"{high:.4f}; a perfectly calibrated model would stay under {calibration['ece_if_calibrated_95']:.4f} "
+                 f"on these images 95 times in 100)")
     fam = metrics.get("familiarity")
     text += ("; familiarity not checked (no statistics in this model)" if fam is None else
              f"; {fam['n_unfamiliar']} of {metrics['n_images']} images unfamiliar")

@@ -34,6 +34,8 @@ def title_page(metrics: dict, meta: dict) -> plt.Figure:
     loc = metrics.get("localization")
     cm = metrics["confusion_matrix"]
     data = metrics["data"]
+    calibration = metrics["calibration"]
+    low, high = calibration["ece_interval_95"]
     lines = [
         ("Steel-surface scratch detector: evaluation report", 16, "bold"),
         ("", 10, None),
@@ -53,10 +55,12 @@ def title_page(metrics: dict, meta: dict) -> plt.Figure:
         (f"specificity {metrics['specificity']:.4f}, F1 {metrics['f1']:.4f}, ROC AUC {metrics['roc_auc']:.4f}", 10, None),
         (f"confusion: tn {cm['tn']}, fp {cm['fp']}, fn {cm['fn']}, tp {cm['tp']}; "
          f"misclassified: {len(metrics['misclassified'])}", 10, None),
-        (f"calibration error (ECE, 10 bins) {metrics['calibration']['ece']:.4f} at temperature "
-         f"{metrics['calibration']['temperature']:.3f}; "
-         + ("familiarity not checked (no statistics in this model)" if metrics.get("familiarity") is None else
-            f"{metrics['familiarity']['n_unfamiliar']} images unfamiliar"), 10, None),
+        (f"calibration error (ECE, 10 bins) {calibration['ece']:.4f} at temperature {calibration['temperature']:.3f}, "
+         f"95 % bootstrap interval {low:.4f} to {high:.4f}", 10, None),
+        (f"(a perfectly calibrated model making these predictions: under {calibration['ece_if_calibrated_95']:.4f} "
+         "95 times in 100)", 10, None),
+        ("familiarity not checked (no statistics in this model)" if metrics.get("familiarity") is None else
+         f"{metrics['familiarity']['n_unfamiliar']} images unfamiliar", 10, None),
     ]
     if loc:
         lines.append((f"Grad-CAM ({loc['method']} on {loc['layer']}, class defect, {loc['n_images']} boxed scratch "

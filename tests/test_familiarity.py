@@ -14,8 +14,8 @@ from conftest import run_script, save_image, steel_like_batch
 
 import dataset
 from scratch_detector import familiarity
-from scratch_detector.calibration import (apply_temperature, expected_calibration_error, fit_temperature,
-                                          reliability_table)
+from scratch_detector.calibration import (apply_temperature, ece_if_calibrated, ece_interval,
+                                          expected_calibration_error, fit_temperature, reliability_table)
 from scratch_detector.model import load_checkpoint, predict_features, predict_logits
 
 
@@ -175,6 +175,35 @@ def test_expected_calibration_error_by_hand():
     assert [row["count"] for row in table] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 2]
     assert table[9]["scratch_rate"] == 0.5 and table[9]["mean_p"] == pytest.approx(0.955)
     assert expected_calibration_error(p, y) == pytest.approx((0.05 + 0.15 + 2 * 0.455) / 4)
+
+
+def test_ece_interval_resamples_the_images():
+    # every image alike: every resample has the same ECE, so the interval is that point
+    assert ece_interval([0.9] * 50, [1] * 50) == pytest.approx((0.1, 0.1))
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0, 1, 300)
+    y = (rng.uniform(0, 1, 300) < p).astype(int)  # calibrated by construction
+    low, high = ece_interval(p, y)
+    assert 0 < low < high < 0.2
+    assert ece_interval(p, y) == (low, high)  # a fixed seed: the same predictions, the same interval
+    p4 = rng.uniform(0, 1, 1200)
+    y4 = (rng.uniform(0, 1, 1200) < p4).astype(int)
+    low4, high4 = ece_interval(p4, y4)
+    assert high4 - low4 < (high - low) * 0.75  # four times the images: about half as wide
+    shifted = np.clip(p4 + 0.2, 0, 1)  # over-confident in 'scratch': the whole interval moves up
+    assert ece_interval(shifted, y4)[0] > high4
+
+
+def test_ece_if_calibrated_is_what_chance_alone_gives():
+    assert ece_if_calibrated([0.0] * 40 + [1.0] * 10) == 0.0  # certain predictions: labels drawn as they say
+    rng = np.random.default_rng(2)
+    p = rng.uniform(0, 1, 300)
+    chance = ece_if_calibrated(p)
+    assert 0 < chance < 0.2 and ece_if_calibrated(p) == chance
+    # labels drawn from p themselves: under the line about 95 times in 100
+    under = [expected_calibration_error(p, rng.uniform(size=300) < p) <= chance for _ in range(200)]
+    assert 0.88 <= np.mean(under) <= 0.99
+    assert expected_calibration_error(np.clip(p + 0.2, 0, 1), rng.uniform(size=300) < p) > chance  # over-confident
 
 
 def test_apply_temperature_divides_the_logits():
