@@ -168,7 +168,9 @@ def summary_line(metrics: dict) -> str:
     cm = metrics["confusion_matrix"]
     text = (f"{metrics['n_images']} images: accuracy {metrics['accuracy']:.4f}, scratch recall {metrics['recall']:.4f}, "
             f"precision {metrics['precision']:.4f}, specificity {metrics['specificity']:.4f}, "
-            f"ROC AUC {metrics['roc_auc']:.4f} (tn {cm['tn']} fp {cm['fp']} fn {cm['fn']} tp {cm['tp']})")
+            f"ROC AUC {metrics['roc_auc']:.4f} (tn {cm['tn']} fp {cm['fp']} fn {cm['fn']} tp {cm['tp']}; 95 % "
+            "intervals: accuracy {:.4f} to {:.4f}, scratch recall {:.4f} to {:.4f})".format(
+                *metrics["intervals_95"]["accuracy"], *metrics["intervals_95"]["recall"]))
     calibration = metrics.get("calibration")
     if calibration:
         low, high = calibration["ece_interval_95"]

@@ -12,6 +12,7 @@ image's original geometry, smoothed, heat below the floor not drawn; smoothing=0
 from __future__ import annotations
 
 import math
+import statistics
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -26,8 +27,21 @@ from .overlay import HEAT_FLOOR, SMOOTHING, drawn_heat
 # ---------------------------------------------------------------------------------------------------------
 # Classification
 # ---------------------------------------------------------------------------------------------------------
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float]:
+    """Wilson score interval of a proportion: what `successes` of `n` allows the true rate to be. It stays inside
+    [0, 1] and is not empty at 0 or n (38 of 38 scratches found still allows a recall of about 0.91)."""
+    if not n:
+        return [float("nan"), float("nan")]
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+    rate = successes / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [0.0 if successes == 0 else centre - half, 1.0 if successes == n else centre + half]
+
+
 def binary_metrics(probabilities, labels, threshold: float) -> dict:
-    """Accuracy, precision, recall (scratches found), specificity, F1, log-loss, confusion matrix."""
+    """Accuracy, precision, recall (scratches found), specificity, F1, log-loss, confusion matrix, and the 95 %
+    Wilson intervals of accuracy, recall and specificity (a few hundred images leave them wide)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = np.asarray(labels).astype(int)
     predicted = (probabilities >= threshold).astype(int)
@@ -51,6 +65,8 @@ def binary_metrics(probabilities, labels, threshold: float) -> dict:
         "f1": ratio(2 * precision * recall, precision + recall) if tp else 0.0,
         "loss": float(-np.mean(np.where(labels == 1, np.log(clipped), np.log(1 - clipped)))) if len(labels) else float("nan"),
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        "intervals_95": {"accuracy": wilson_interval(tp + tn, len(labels)), "recall": wilson_interval(tp, tp + fn),
+                         "specificity": wilson_interval(tn, tn + fp)},
     }
 
 

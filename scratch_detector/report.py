@@ -55,6 +55,9 @@ def title_page(metrics: dict, meta: dict) -> plt.Figure:
         (f"specificity {metrics['specificity']:.4f}, F1 {metrics['f1']:.4f}, ROC AUC {metrics['roc_auc']:.4f}", 10, None),
         (f"confusion: tn {cm['tn']}, fp {cm['fp']}, fn {cm['fn']}, tp {cm['tp']}; "
          f"misclassified: {len(metrics['misclassified'])}", 10, None),
+        ("95 % intervals (Wilson): accuracy {:.4f} to {:.4f}, scratch recall {:.4f} to {:.4f}, specificity {:.4f} "
+         "to {:.4f}".format(*(v for key in ("accuracy", "recall", "specificity")
+                             for v in metrics["intervals_95"][key])), 10, None),
         (f"calibration error (ECE, 10 bins) {calibration['ece']:.4f} at temperature {calibration['temperature']:.3f}, "
          f"95 % bootstrap interval {low:.4f} to {high:.4f}", 10, None),
         (f"(a perfectly calibrated model making these predictions: under {calibration['ece_if_calibrated_95']:.4f} "

@@ -9,7 +9,7 @@ from torch import nn
 
 from gradcam import METHODS
 from scratch_detector.metrics import (binary_metrics, box_mask, choose_threshold, energy_in_box, localization_scores,
-                                      pointing_hit, read_boxes, roc_auc)
+                                      pointing_hit, read_boxes, roc_auc, wilson_interval)
 
 
 def test_voc_boxes_are_one_based_inclusive(tmp_path):
@@ -113,6 +113,19 @@ def test_binary_metrics_by_hand():
     assert m["n_images"] == 5
     # threshold is inclusive: p == t is a defect
     assert binary_metrics([0.5], [1], threshold=0.5)["recall"] == 1.0
+
+
+def test_wilson_interval_known_values():
+    # textbook values: 0 of 10 allows up to 0.2775; all 38 of 38 scratches found still allows a recall of 0.908
+    assert wilson_interval(0, 10) == pytest.approx([0.0, 0.27753], abs=1e-5)
+    assert wilson_interval(38, 38) == pytest.approx([0.90819, 1.0], abs=1e-5)
+    assert wilson_interval(5, 10) == pytest.approx([0.23659, 0.76341], abs=1e-5)
+    low, high = wilson_interval(7, 40)
+    assert [1 - high, 1 - low] == pytest.approx(wilson_interval(33, 40))  # symmetric in success and failure
+    assert np.isnan(wilson_interval(0, 0)).all()
+    m = binary_metrics([0.9, 0.2, 0.6, 0.4, 0.1], [1, 0, 0, 1, 0], threshold=0.5)
+    assert m["intervals_95"] == {"accuracy": wilson_interval(3, 5), "recall": wilson_interval(1, 2),
+                                 "specificity": wilson_interval(2, 3)}
 
 
 def test_roc_auc_by_hand():
