@@ -18,6 +18,7 @@ on the clean NEU --split images (nothing forgotten), each at its own threshold. 
 from __future__ import annotations
 
 import csv
+import shutil
 import sys
 import tempfile
 import zlib
@@ -36,6 +37,7 @@ from common import (bench_parser, check, default_data_dir, load_average, machine
 from robustness import decode_originals, perturbed_pixels  # noqa: E402
 from scratch_detector import perturb  # noqa: E402
 from scratch_detector.finetune import spread_pick  # noqa: E402
+from scratch_detector.calibration import expected_calibration_error  # noqa: E402
 from scratch_detector.metrics import binary_metrics, clipped_log_odds  # noqa: E402
 from scratch_detector.model import load_checkpoint, predict_probabilities  # noqa: E402
 
@@ -92,17 +94,21 @@ def write_line_folder(folder: Path, samples: list) -> Path:
 
 
 def score(model_path: Path, sets: dict, device: str = "cpu") -> dict:
-    """{set name: metrics at the checkpoint's own threshold, calibrated as infer.py runs it}."""
+    """{set name: metrics at the checkpoint's own threshold, calibrated as infer.py runs it, with the calibration
+    error of that p(defect) ("ece")}."""
     model, meta = load_checkpoint(model_path, device)
-    return {name: binary_metrics(predict_probabilities(model, pixels, meta["normalization"], 64, device).numpy(),
-                                 labels, float(meta["threshold"]))
-            for name, (pixels, labels) in sets.items()}
+    scores = {}
+    for name, (pixels, labels) in sets.items():
+        p = predict_probabilities(model, pixels, meta["normalization"], 64, device).numpy()
+        scores[name] = {**binary_metrics(p, labels, float(meta["threshold"])),
+                        "ece": expected_calibration_error(p, labels)}
+    return scores
 
 
 def cells(m: dict) -> list[str]:
     matrix = m["confusion_matrix"]
     return [f"{m['accuracy']:.4f}", f"{m['recall']:.4f} ({matrix['tp']}/{matrix['tp'] + matrix['fn']})",
-            str(matrix["fp"])]
+            str(matrix["fp"]), f"{m['ece']:.4f}"]
 
 
 def parse_args(argv=None):
@@ -110,6 +116,7 @@ def parse_args(argv=None):
     p.add_argument("--counts", type=int, nargs="+", default=[20, 40, 80], help="labelled images per fine-tune")
     p.add_argument("--split", choices=["test", "val"], default="test", help="images to score on (default: test)")
     p.add_argument("--seed", type=int, default=0, help="which images are labelled, and train.py's --seed")
+    p.add_argument("--keep", type=Path, help="copy each fine-tuned checkpoint here (finetuned_N.pth)")
     p.add_argument("--pick", choices=["spread", "unsure"], default="spread",
                    help="which training images a person labels: spread (default: at random, half scratches, the rest "
                    "spread over the other classes) or unsure (those the model is least sure about)")
@@ -152,14 +159,17 @@ def main(argv=None) -> int:
             check(run, " ".join(command))
             print(run.log.read_text(errors="replace").split("held-out labelled images")[-1].rstrip(), flush=True)
             tuned = score(checkpoint, sets)
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(checkpoint, args.keep / checkpoint.name)
             rows.append([f"fine-tuned on {count}", str(count), *cells(tuned["new line"]), *cells(tuned["clean NEU"]),
                          f"{run.wall_s:.0f}"])
             print(f"{count} labelled: fine-tune {run.wall_s:.0f} s; new line {cells(tuned['new line'])}, clean "
                   f"{cells(tuned['clean NEU'])}", flush=True)
     print(f"\n## New line ({NEW_LINE}), {args.split} split: shipped and fine-tuned\n")
     print(markdown_table(["model", "labelled images", "new line accuracy", "new line recall", "new line false alarms",
-                          "clean NEU accuracy", "clean NEU recall", "clean NEU false alarms",
-                          "fine-tune wall s (whole train.py)"], rows))
+                          "new line ECE", "clean NEU accuracy", "clean NEU recall", "clean NEU false alarms",
+                          "clean NEU ECE", "fine-tune wall s (whole train.py)"], rows))
     print(f"\ntrain.py arguments added: {' '.join(args.train_args) or 'none'}; load average at the end "
           f"{load_average()}")
     return 0
