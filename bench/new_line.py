@@ -36,8 +36,8 @@ from common import (bench_parser, check, default_data_dir, load_average, machine
                     run_child)
 from robustness import decode_originals, perturbed_pixels  # noqa: E402
 from scratch_detector import perturb  # noqa: E402
-from scratch_detector.finetune import spread_pick  # noqa: E402
 from scratch_detector.calibration import expected_calibration_error  # noqa: E402
+from scratch_detector.finetune import spread_pick  # noqa: E402
 from scratch_detector.metrics import binary_metrics, clipped_log_odds  # noqa: E402
 from scratch_detector.model import load_checkpoint, predict_probabilities  # noqa: E402
 

@@ -80,11 +80,12 @@ def reliability_table(probabilities, labels, bins: int = RELIABILITY_BINS) -> li
 def expected_calibration_error(probabilities, labels, bins: int = RELIABILITY_BINS) -> float:
     """ECE of p(defect) as a probability of 'scratch': the count-weighted mean |observed rate - mean p| over
     equal-width bins."""
-    table = reliability_table(probabilities, labels, bins)
-    total = sum(row["count"] for row in table)
-    if not total:
+    p, y = np.asarray(probabilities, np.float64), np.asarray(labels, np.float64)
+    if not len(p):
         return float("nan")
-    return float(sum(row["count"] * abs(row["scratch_rate"] - row["mean_p"]) for row in table if row["count"]) / total)
+    index = np.minimum((p * bins).astype(int), bins - 1)  # reliability_table's bins, counted in one pass
+    gaps = np.bincount(index, weights=y, minlength=bins) - np.bincount(index, weights=p, minlength=bins)
+    return float(np.abs(gaps).sum() / len(p))
 
 
 def ece_interval(probabilities, labels, level: float = 0.95, rounds: int = BOOTSTRAP_ROUNDS,
@@ -95,8 +96,11 @@ def ece_interval(probabilities, labels, level: float = 0.95, rounds: int = BOOTS
     p, y = np.asarray(probabilities, np.float64), np.asarray(labels, np.float64)
     if not len(p):
         return float("nan"), float("nan")
-    draws = np.random.default_rng(seed).integers(0, len(p), (rounds, len(p)))
-    values = [expected_calibration_error(p[d], y[d]) for d in draws]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(rounds):  # one resample at a time: memory stays that of one copy of the predictions
+        draw = rng.integers(0, len(p), len(p))
+        values.append(expected_calibration_error(p[draw], y[draw]))
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
