@@ -433,10 +433,15 @@ def main(argv=None) -> int:
     if start_state is not None:
         finetune.blend_with_start(model, start_state, args.start_weight)
         print(f"averaged {args.start_weight:g} of {Path(args.init).name}'s weights back in (--start-weight)")
+    # A fine-tune keeps its starting model's temperature: fitted on its own few labelled validation images it made
+    # p(defect) less calibrated, on the new line and on NEU (bench/README.md, your own line).
+    kept_temperature = None if init_meta is None else init_meta["temperature"]
     fitted = fit_after_training(model, pixels["train"], [s.neu_class for s in splits["train"]], pixels["val"],
-                                labels["val"], args.normalization, 2 * args.batch_size, device, args.seed)
+                                labels["val"], args.normalization, 2 * args.batch_size, device, args.seed,
+                                temperature=kept_temperature)
     threshold, temperature, val = fitted["threshold"], fitted["temperature"], fitted["val_metrics"]
-    print(f"kept epoch {args.epochs}; temperature {temperature:.3f} (validation likelihood); threshold "
+    source = "validation likelihood" if kept_temperature is None else f"{Path(args.init).name}'s, kept"
+    print(f"kept epoch {args.epochs}; temperature {temperature:.3f} ({source}); threshold "
           f"{threshold:.4f} on the calibrated p (validation Youden J, widest margin in log-odds): val acc "
           f"{val['accuracy']:.4f}, scratch recall {val['recall']:.4f}, specificity {val['specificity']:.4f}")
     print(f"familiarity: {familiarity.LAYER} of {len(splits['train'])} training images and {familiarity.COPIES} "

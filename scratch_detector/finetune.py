@@ -28,7 +28,8 @@ REPLAY_MIN = 64
 MIN_VALIDATION = 60
 # What --init changes in train.py's defaults: fewer epochs (a minute on 2 cores for 80 labelled images and their
 # replay), and a quarter of the starting weights averaged back in at the end (blend_with_start). Chosen on the new
-# line's validation split (bench/README.md, "Your own line").
+# line's validation split (bench/README.md, "Your own line"). The temperature is not refitted: train.py keeps the
+# starting model's.
 FINETUNE_DEFAULTS = dict(epochs=3, lr=1e-3, start_weight=0.25)
 
 

@@ -72,6 +72,9 @@ def test_finetune_starts_from_the_given_weights_and_records_where_it_started(sta
     assert meta["pretrained"].startswith(f"fine-tuned from start.pth (sha256 {digest[:12]})")
     assert start_meta["pretrained"] in meta["pretrained"]
     assert meta["init"]["sha256"] == digest and meta["image_size"] == 48  # the starting model's input, not 200
+    # the starting model's temperature, kept rather than fitted on the fine-tune's few validation images
+    assert meta["temperature"] == start_meta["temperature"] != 1.0
+    assert f"temperature {start_meta['temperature']:.3f} (start.pth's, kept)" in stdout
     convs = [name for name, p in start.named_parameters() if p.ndim == 4]
     start_weights, tuned_weights = dict(start.named_parameters()), dict(tuned.named_parameters())
     assert max((tuned_weights[n] - start_weights[n]).abs().max().item() for n in convs) < 1e-5
