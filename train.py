@@ -56,7 +56,7 @@ DEFAULTS = dict(
     explain_layer="features.2",
     explain_weight=1.0,
     explain_every=16,      # the heatmap loss on every 16th batch: bench/README.md, how often the heatmap loss runs
-    freeze_blocks=0,       # blocks kept at their starting weights; 2 was no faster enough to pay (bench/README.md)
+    freeze_blocks=0,       # blocks kept at their starting weights; 2 was not fast enough to pay (bench/README.md)
 )
 
 

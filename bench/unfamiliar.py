@@ -440,8 +440,9 @@ def unit_scores(model, meta: dict, stats: dict, fitted: dict, pixels: torch.Tens
     logits, early = predict_logits(model, pixels, meta["normalization"], 64, device, stats["layer"])
     raw = logits * meta["temperature"]
     pooled = fitted["pooled_1280"]
-    nearest = nearest_score(familiarity.describe(early, pixels, stats) @ fitted["nearest"]["whiten"], fitted["nearest"])
-    shipped = familiarity.unfamiliarity(early, pixels, stats)
+    described = familiarity.describe(early, pixels, stats)  # the shipped score's vector, read by both scores
+    nearest = nearest_score(described @ fitted["nearest"]["whiten"], fitted["nearest"])
+    shipped = familiarity.score(described, stats)  # familiarity.unfamiliarity, without describing twice
     either = torch.maximum(shipped / float(stats["cutoff"]), nearest / fitted["nearest"]["cutoff"])
     return {"shipped": shipped.numpy(), "nearest": nearest.numpy(), "either": either.numpy(),
             "features_only": familiarity.score(early, fitted["features_only"]).numpy(),
