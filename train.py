@@ -57,6 +57,8 @@ DEFAULTS = dict(
     explain_weight=1.0,
     explain_every=16,      # the heatmap loss on every 16th batch: bench/README.md, how often the heatmap loss runs
     freeze_blocks=0,       # blocks kept at their starting weights; 2 was not fast enough to pay (bench/README.md)
+    early_epochs=0,        # the first N epochs train on images shrunk to early_size (progressive resizing)
+    early_size=160,        # a step at 160 px costs about half of one at 200 px on a CPU (bench/README.md)
 )
 
 
@@ -108,6 +110,11 @@ def parse_args(argv=None):
     p.add_argument("--freeze-blocks", type=int, default=DEFAULTS["freeze_blocks"], metavar="N",
                    help="keep the first N blocks of the network at their starting weights (ImageNet or --init): "
                    "their backward pass is skipped; ignored with random init (default: %(default)s)")
+    p.add_argument("--early-epochs", type=int, metavar="N", help="train the first N epochs on images shrunk to "
+                   f"--early-size, the rest at --image-size: cheaper epochs while the weights move most (default: "
+                   f"{DEFAULTS['early_epochs']}; with --init {finetune.FINETUNE_DEFAULTS['early_epochs']})")
+    p.add_argument("--early-size", type=int, default=DEFAULTS["early_size"], metavar="PX",
+                   help="image size of those early epochs (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--cv-fold", type=int, nargs=2, metavar=("K", "N"),
                    help="cross-validation: the same test split, train + validation dealt into N folds, fold K "
@@ -119,7 +126,7 @@ def parse_args(argv=None):
     defaults = {**DEFAULTS, **(finetune.FINETUNE_DEFAULTS if args.init else {})}
     if args.start_weight is not None and not args.init:
         p.error("--start-weight averages the --init model back in: it needs --init")
-    for key in ("epochs", "lr") + (("start_weight",) if args.init else ("image_size", "normalization")):
+    for key in ("epochs", "lr", "early_epochs") + (("start_weight",) if args.init else ("image_size", "normalization")):
         if getattr(args, key) is None:  # --init: the image size and normalization are the checkpoint's own
             setattr(args, key, defaults[key])
     if args.init and not 0 <= args.start_weight <= 1:
@@ -142,6 +149,12 @@ def parse_args(argv=None):
         p.error("--explain-weight must be >= 0 and --explain-every >= 1")
     if args.freeze_blocks < 0:
         p.error("--freeze-blocks must be >= 0")
+    if args.init and args.early_epochs:
+        p.error("--early-epochs shrinks the images of a training from ImageNet; a fine-tune (--init) keeps its "
+                "checkpoint's image size")
+    if args.early_epochs and not (0 < args.early_epochs < args.epochs and 32 <= args.early_size < args.image_size):
+        p.error(f"--early-epochs must leave at least one of the {args.epochs} epochs at --image-size "
+                f"{args.image_size}, and --early-size must be from 32 to below it")
     explained_block = args.explain_layer.split(".")
     if args.explain_weight > 0 and explained_block[0] == "features" and len(explained_block) > 1 \
             and explained_block[1].isdigit() and args.freeze_blocks > int(explained_block[1]):
@@ -202,6 +215,21 @@ def backward_finite(loss: torch.Tensor, epoch: int, lr: float) -> None:
     loss.backward()
 
 
+def epoch_image_size(args, epoch: int) -> int:
+    """The input size of this epoch: --early-size for the first --early-epochs, then --image-size."""
+    return args.early_size if epoch <= args.early_epochs else args.image_size
+
+
+def shrink(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised (B, 3, S, S) images resampled to size x size, antialiased (a scratch one pixel wide fades but
+    does not vanish or alias); unchanged at their own size. The box masks stay at full size: the heatmap loss
+    pools them to the map's grid, whatever the input size."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False).contiguous(memory_format=torch.channels_last)
+
+
 def train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator, device, epoch, marks=None,
                     masks=None, capture=None):
     """One pass over the training pixels in a seeded random order; returns (mean loss, accuracy).
@@ -225,7 +253,7 @@ def train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator
             images, batch_masks = augment(images, generator, args.augment, batch_masks, args.policy)
         else:
             images = augment(images, generator, args.augment, settings=args.policy)
-        images = dataset.normalize(images, args.normalization).to(device)
+        images = shrink(dataset.normalize(images, args.normalization), epoch_image_size(args, epoch)).to(device)
         targets = targets.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, targets)
@@ -370,6 +398,8 @@ def main(argv=None) -> int:
     if args.freeze_blocks:
         frozen = freeze_first_blocks(model, args.freeze_blocks)
         print(f"frozen: the first {args.freeze_blocks} blocks ({frozen} parameters) keep their starting weights")
+    if args.early_epochs:
+        print(f"progressive resizing: epochs 1-{args.early_epochs} at {args.early_size} px, then {args.image_size} px")
 
     data = gather_splits(args, init_meta, reports)
     splits, own_train, replay = data["splits"], data["own_train"], data["replay"]
@@ -466,7 +496,8 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "hyperparameters": {**{k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "max_per_class",
                                                              "explain_weight", "explain_layer", "explain_every",
-                                                             "freeze_blocks")},
+                                                             "freeze_blocks", "early_epochs")},
+                            **({"early_size": args.early_size} if args.early_epochs else {}),
                             "augment": list(args.augment),
                             **({"augment_prob": args.augment_prob} if args.augment_prob else {}),
                             **({"start_weight": args.start_weight} if args.init else {})},

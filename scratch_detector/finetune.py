@@ -30,7 +30,7 @@ MIN_VALIDATION = 60
 # replay), and a quarter of the starting weights averaged back in at the end (blend_with_start). Chosen on the new
 # line's validation split (bench/README.md, "Your own line"). The temperature is not refitted: train.py keeps the
 # starting model's.
-FINETUNE_DEFAULTS = dict(epochs=3, lr=1e-3, start_weight=0.25)
+FINETUNE_DEFAULTS = dict(epochs=3, lr=1e-3, start_weight=0.25, early_epochs=0)
 
 
 def blend_with_start(model: torch.nn.Module, start_state: dict, start_weight: float) -> None:

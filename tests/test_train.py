@@ -15,7 +15,7 @@ from conftest import run_script, synthetic_image, write_voc
 import dataset
 import train
 from scratch_detector import augment as augmentation
-from scratch_detector import perturb
+from scratch_detector import explain_loss, perturb
 from scratch_detector.evaluation import select_samples
 from scratch_detector.metrics import binary_metrics
 from scratch_detector.model import build_model, freeze_first_blocks, load_checkpoint, predict_probabilities
@@ -368,3 +368,38 @@ def test_scratch_mark_bank_takes_annotated_scratches_with_boxes_at_the_input_siz
     assert bank[0, 50, 15] > 40 and bank[0, :, 40:].abs().max() < 1e-3
     assert masks.shape == (1, 100, 100) and masks[0, :, 14:17].min() == 1 and masks[0].sum() == 100 * 3
     assert augmentation.scratch_mark_bank(samples[1:], np.stack([image] * 2), annotations) is None
+
+
+def test_early_epochs_train_on_shrunk_images_and_the_rest_at_full_size(one_torch_thread):
+    args = train.parse_args(["--early-epochs", "1", "--early-size", "40", "--image-size", "48", "--epochs", "2",
+                             "--augment", "none", "--batch-size", "4"])
+    torch.manual_seed(0)
+    model, _ = build_model("none")
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+    pixels = random_batch(8, size=48)
+    labels = torch.tensor([0, 1] * 4)
+    masks = torch.zeros(8, 48, 48)
+    masks[:, 10:30, 20:24] = 1  # a box on every image, at full size
+    capture = explain_loss.LayerCamCapture(model.get_submodule(args.explain_layer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.one_cycle(4))
+    generator = torch.Generator().manual_seed(0)
+    for epoch in (1, 2):
+        seen.clear()
+        loss, _ = train.train_one_epoch(model, pixels, labels, optimizer, scheduler, args, generator, "cpu", epoch,
+                                        masks=masks, capture=capture)
+        size = 40 if epoch == 1 else 48
+        # two batches, each with its cross-entropy pass and, on the first, the heatmap loss's own pass
+        assert seen == [(size, size)] * 3 and math.isfinite(loss)
+    assert train.parse_args([]).early_epochs == train.DEFAULTS["early_epochs"]
+
+
+def test_early_epochs_are_checked(capsys):
+    for argv, message in ((["--early-epochs", "5"], "at least one of the 5 epochs"),
+                          (["--early-epochs", "2", "--early-size", "200"], "from 32 to below it"),
+                          (["--init", "model_binary.pth", "--early-epochs", "1"], "keeps its checkpoint's image size")):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert train.parse_args(["--init", "model_binary.pth"]).early_epochs == 0
