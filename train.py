@@ -57,8 +57,8 @@ DEFAULTS = dict(
     explain_weight=1.0,
     explain_every=16,      # the heatmap loss on every 16th batch: bench/README.md, how often the heatmap loss runs
     freeze_blocks=0,       # blocks kept at their starting weights; 2 was not fast enough to pay (bench/README.md)
-    early_epochs=0,        # the first N epochs train on images shrunk to early_size (progressive resizing)
-    early_size=160,        # a step at 160 px costs about half of one at 200 px on a CPU (bench/README.md)
+    early_epochs=0,        # the first N epochs on images shrunk to early_size: faster, but the heatmap pointed
+    early_size=160,        # less well at 3 x 160 px (bench/README.md, progressive resizing), so off
 )
 
 
