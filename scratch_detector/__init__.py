@@ -16,5 +16,6 @@ scratch_detector.runtime); nothing imports a script; no circles.
     evaluation.py one evaluation (evaluate.py calls it); metrics.py: classification and localization metrics
     model.py      the network and its checkpoint; augment.py: train.py's augmentation policy;
                   perturb.py: camera changes; curves.py: the training-curve plot; runtime.py: process plumbing
+    training_data.py  train.py's splits (NEU, a fine-tune's, a fold; the replay) and the test_images/ copies
     finetune.py   train.py --init --labels --replay: the NEU replay and the before/after table
 """

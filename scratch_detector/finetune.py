@@ -20,6 +20,7 @@ import torch
 import dataset
 
 from .metrics import binary_metrics
+from .model import load_checkpoint, predict_probabilities
 
 REPLAY_PER_IMAGE = 1
 REPLAY_MIN = 64
@@ -92,3 +93,19 @@ def format_rows(rows: list[dict]) -> str:
     lines += [f"  {r['model']:<{width}}  {r['accuracy']:8.4f}  {r['scratches'] - r['missed']:>6} of {r['scratches']:<6}"
               f"  {r['false_alarms']:>5} of {r['images'] - r['scratches']}" for r in rows]
     return "\n".join(lines)
+
+
+def print_before_after(start_checkpoint: str | Path, new_checkpoint: Path, pixels: torch.Tensor, labels: torch.Tensor,
+                       normalization: str, batch_size: int, device) -> None:
+    """The starting model and the fine-tuned one on the labelled images neither trained on, side by side, each
+    with its own calibration and threshold, as infer.py would run them."""
+    if not len(labels):
+        print("no labelled images were held out for a before/after comparison (label more images)")
+        return
+    models = {f"before ({Path(start_checkpoint).name})": load_checkpoint(start_checkpoint, device),
+              f"after ({new_checkpoint.name})": load_checkpoint(new_checkpoint, device)}
+    rows = held_out_rows(
+        {name: (model, float(meta["threshold"])) for name, (model, meta) in models.items()}, pixels, labels,
+        lambda model, batch: predict_probabilities(model, batch, normalization, batch_size, device))
+    print(f"held-out labelled images ({len(labels)}, {int(labels.sum())} scratches; outputs/splits.csv lists them):\n"
+          + format_rows(rows))
