@@ -37,7 +37,7 @@ from scratch_detector.augment import (AUGMENTATIONS, PROBABILITY_NAMES, augment,
 from scratch_detector.curves import plot_curves
 from scratch_detector.metrics import binary_metrics, find_annotations
 from scratch_detector.model import (PRETRAINED_CHOICES, build_model, freeze_first_blocks, model_from_checkpoint,
-                                    pick_device, predict_probabilities, save_checkpoint)
+                                    pick_device, predict_probabilities, refresh_batchnorm, save_checkpoint)
 from scratch_detector.posthoc import fit_after_training
 from scratch_detector.runtime import UserError, ensure_writable_dir, release_free_memory, run_main, write_csv
 from scratch_detector.training_data import copy_test_images, gather_splits
@@ -115,6 +115,9 @@ def parse_args(argv=None):
                    f"{DEFAULTS['early_epochs']}; with --init {finetune.FINETUNE_DEFAULTS['early_epochs']})")
     p.add_argument("--early-size", type=int, default=DEFAULTS["early_size"], metavar="PX",
                    help="image size of those early epochs (default: %(default)s)")
+    p.add_argument("--refresh-batchnorm", action="store_true",
+                   help="after the last epoch (and --start-weight's averaging), recompute the BatchNorm statistics "
+                   "from the training images as inference sees them (default: off)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--cv-fold", type=int, nargs=2, metavar=("K", "N"),
                    help="cross-validation: the same test split, train + validation dealt into N folds, fold K "
@@ -370,6 +373,9 @@ def main(argv=None) -> int:
     if start_state is not None:
         finetune.blend_with_start(model, start_state, args.start_weight)
         print(f"averaged {args.start_weight:g} of {Path(args.init).name}'s weights back in (--start-weight)")
+    if args.refresh_batchnorm:
+        refreshed = refresh_batchnorm(model, pixels["train"], args.normalization, 2 * args.batch_size, device)
+        print(f"BatchNorm statistics of {refreshed} layers recomputed from the {len(labels['train'])} training images")
     # A fine-tune keeps its starting model's temperature: fitted on its own few labelled validation images it made
     # p(defect) less calibrated, on the new line and on NEU (bench/README.md, your own line).
     kept_temperature = None if init_meta is None else init_meta["temperature"]
@@ -403,7 +409,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "hyperparameters": {**{k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "max_per_class",
                                                              "explain_weight", "explain_layer", "explain_every",
-                                                             "freeze_blocks", "early_epochs")},
+                                                             "freeze_blocks", "early_epochs", "refresh_batchnorm")},
                             **({"early_size": args.early_size} if args.early_epochs else {}),
                             "augment": list(args.augment),
                             **({"augment_prob": args.augment_prob} if args.augment_prob else {}),

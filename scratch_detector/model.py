@@ -390,6 +390,30 @@ def predict_logits(model: nn.Module, pixels: torch.Tensor, normalization: str, b
     return torch.cat(logits), (torch.cat(features) if features else None)
 
 
+@torch.no_grad()
+def refresh_batchnorm(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int, device) -> int:
+    """Recompute every BatchNorm's running statistics as the plain average over uint8 (N, S, S, 3) `pixels`, as
+    inference sees them (no augmentation), the rest of the network in eval mode (no stochastic depth). Why:
+    after two networks' weights are averaged (finetune.blend_with_start), the average of their statistics is not
+    the statistics of the averaged network (SWA's update_bn, Izmailov et al. 2018; REPAIR, Jordan et al. 2022).
+    Returns how many BatchNorm layers were refreshed."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average over the batches, not an exponential one
+            norm.train()
+        for start in range(0, len(pixels), batch_size):
+            model(normalize(pixels[start:start + batch_size], normalization).to(device))
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.eval()
+    return len(norms)
+
+
 def predict_features(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int, device,
                      layer: str) -> torch.Tensor:
     """The mean-pooled output of `layer` (N, C) for each uint8 (N, S, S, 3) image, each pass stopped at that

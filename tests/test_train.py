@@ -18,7 +18,8 @@ from scratch_detector import augment as augmentation
 from scratch_detector import explain_loss, perturb
 from scratch_detector.evaluation import select_samples
 from scratch_detector.metrics import binary_metrics
-from scratch_detector.model import build_model, freeze_first_blocks, load_checkpoint, predict_probabilities
+from scratch_detector.model import (build_model, freeze_first_blocks, load_checkpoint, predict_probabilities,
+                                    refresh_batchnorm)
 
 FLIPS = {0, 2, 5, 7}  # perturb.dihedral's identity, half turn (both flips), and the up-down and left-right flips
 
@@ -172,7 +173,7 @@ def test_checkpoint_records_the_probabilities_it_trained_with(neu_dir, tmp_path)
     result = run_script("train.py", "--data-dir", neu_dir, "--output", tmp_path / "m.pth", "--reports",
                         tmp_path / "outputs", "--max-per-class", 4, "--epochs", 1, "--image-size", 48,
                         "--pretrained", "none", "--test-images", "", "--augment-prob", "blur=0.5", "transplant=0",
-                        "--freeze-blocks", 2,
+                        "--freeze-blocks", 2, "--refresh-batchnorm",
                         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "blur p 0.5, transplant p 0" in result.stdout
@@ -180,6 +181,7 @@ def test_checkpoint_records_the_probabilities_it_trained_with(neu_dir, tmp_path)
     assert meta["hyperparameters"]["augment_prob"] == {"blur": 0.5, "transplant": 0.0}
     # random init has nothing worth keeping: no block frozen, and the checkpoint says so
     assert meta["hyperparameters"]["freeze_blocks"] == 0 and "frozen" not in result.stdout
+    assert meta["hyperparameters"]["refresh_batchnorm"] and "BatchNorm statistics of 49 layers" in result.stdout
 
 
 def test_frozen_blocks_keep_their_weights_and_the_blocks_above_train(one_torch_thread):
@@ -403,3 +405,21 @@ def test_early_epochs_are_checked(capsys):
             train.parse_args(argv)
         assert message in capsys.readouterr().err
     assert train.parse_args(["--init", "model_binary.pth"]).early_epochs == 0
+
+
+def test_refresh_batchnorm_sets_each_statistic_to_the_images_own(one_torch_thread):
+    torch.manual_seed(0)
+    model, _ = build_model("none")
+    pixels = random_batch(6, size=48)
+    first_conv, first_norm = model.features[0][0], model.features[0][1]
+    assert refresh_batchnorm(model, pixels, "per-image", 6, "cpu") == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        out = first_conv(dataset.normalize(pixels, "per-image"))
+    assert torch.allclose(first_norm.running_mean, out.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(first_norm.running_var, out.var((0, 2, 3), correction=1), rtol=1e-4)
+    # momentum restored, the model left in eval mode, and no randomness (stochastic depth stays off): twice the same
+    assert first_norm.momentum == 0.1 and not model.training
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    refresh_batchnorm(model, pixels, "per-image", 6, "cpu")
+    assert all(torch.allclose(state[k], v) for k, v in model.state_dict().items())
