@@ -59,6 +59,7 @@ DEFAULTS = dict(
     freeze_blocks=0,       # blocks kept at their starting weights; 2 was not fast enough to pay (bench/README.md)
     early_epochs=0,        # the first N epochs on images shrunk to early_size: faster, but the heatmap pointed
     early_size=160,        # less well at 3 x 160 px (bench/README.md, progressive resizing), so off
+    refresh_batchnorm=False,  # on for a fine-tune (finetune.FINETUNE_DEFAULTS)
 )
 
 
@@ -115,9 +116,9 @@ def parse_args(argv=None):
                    f"{DEFAULTS['early_epochs']}; with --init {finetune.FINETUNE_DEFAULTS['early_epochs']})")
     p.add_argument("--early-size", type=int, default=DEFAULTS["early_size"], metavar="PX",
                    help="image size of those early epochs (default: %(default)s)")
-    p.add_argument("--refresh-batchnorm", action="store_true",
+    p.add_argument("--refresh-batchnorm", action=argparse.BooleanOptionalAction,
                    help="after the last epoch (and --start-weight's averaging), recompute the BatchNorm statistics "
-                   "from the training images as inference sees them (default: off)")
+                   "from the training images as inference sees them (default: off; with --init on)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--cv-fold", type=int, nargs=2, metavar=("K", "N"),
                    help="cross-validation: the same test split, train + validation dealt into N folds, fold K "
@@ -129,7 +130,7 @@ def parse_args(argv=None):
     defaults = {**DEFAULTS, **(finetune.FINETUNE_DEFAULTS if args.init else {})}
     if args.start_weight is not None and not args.init:
         p.error("--start-weight averages the --init model back in: it needs --init")
-    for key in ("epochs", "lr", "early_epochs") + (("start_weight",) if args.init else ("image_size", "normalization")):
+    for key in ("epochs", "lr", "early_epochs", "refresh_batchnorm") + (("start_weight",) if args.init else ("image_size", "normalization")):
         if getattr(args, key) is None:  # --init: the image size and normalization are the checkpoint's own
             setattr(args, key, defaults[key])
     if args.init and not 0 <= args.start_weight <= 1:

@@ -28,10 +28,11 @@ REPLAY_MIN = 64
 # images, NEU validation images (from the replay folder) make up the difference.
 MIN_VALIDATION = 60
 # What --init changes in train.py's defaults: fewer epochs (a minute on 2 cores for 80 labelled images and their
-# replay), and a quarter of the starting weights averaged back in at the end (blend_with_start). Chosen on the new
-# line's validation split (bench/README.md, "Your own line"). The temperature is not refitted: train.py keeps the
+# replay), a quarter of the starting weights averaged back in at the end (blend_with_start), and then the
+# BatchNorm statistics recomputed for the averaged weights (model.refresh_batchnorm). Chosen on the new line's
+# validation split (bench/README.md, "Your own line"). The temperature is not refitted: train.py keeps the
 # starting model's.
-FINETUNE_DEFAULTS = dict(epochs=3, lr=1e-3, start_weight=0.25, early_epochs=0)
+FINETUNE_DEFAULTS = dict(epochs=3, lr=1e-3, start_weight=0.25, early_epochs=0, refresh_batchnorm=True)
 
 
 def blend_with_start(model: torch.nn.Module, start_state: dict, start_weight: float) -> None:

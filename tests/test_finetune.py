@@ -83,6 +83,9 @@ def test_finetune_starts_from_the_given_weights_and_records_where_it_started(sta
     # the default share of the start averaged back in, applied and recorded
     assert meta["hyperparameters"]["start_weight"] == finetune.FINETUNE_DEFAULTS["start_weight"] > 0
     assert f"averaged {finetune.FINETUNE_DEFAULTS['start_weight']:g} of start.pth's weights back in" in stdout
+    # then the BatchNorm statistics recomputed for the averaged weights, by default
+    assert meta["hyperparameters"]["refresh_batchnorm"] is finetune.FINETUNE_DEFAULTS["refresh_batchnorm"] is True
+    assert "BatchNorm statistics of 49 layers recomputed" in stdout
 
 
 def test_finetune_splits_the_labelled_images_and_mixes_in_neu_training_images_only(start_model, finetuned, neu_dir):

@@ -405,6 +405,8 @@ def test_early_epochs_are_checked(capsys):
             train.parse_args(argv)
         assert message in capsys.readouterr().err
     assert train.parse_args(["--init", "model_binary.pth"]).early_epochs == 0
+    assert not train.parse_args([]).refresh_batchnorm and train.parse_args(["--init", "m.pth"]).refresh_batchnorm
+    assert not train.parse_args(["--init", "m.pth", "--no-refresh-batchnorm"]).refresh_batchnorm
 
 
 def test_refresh_batchnorm_sets_each_statistic_to_the_images_own(one_torch_thread):
