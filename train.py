@@ -130,7 +130,8 @@ def parse_args(argv=None):
     defaults = {**DEFAULTS, **(finetune.FINETUNE_DEFAULTS if args.init else {})}
     if args.start_weight is not None and not args.init:
         p.error("--start-weight averages the --init model back in: it needs --init")
-    for key in ("epochs", "lr", "early_epochs", "refresh_batchnorm") + (("start_weight",) if args.init else ("image_size", "normalization")):
+    resolved = ("epochs", "lr", "early_epochs", "refresh_batchnorm")
+    for key in resolved + (("start_weight",) if args.init else ("image_size", "normalization")):
         if getattr(args, key) is None:  # --init: the image size and normalization are the checkpoint's own
             setattr(args, key, defaults[key])
     if args.init and not 0 <= args.start_weight <= 1:
