@@ -26,13 +26,20 @@ their layer (train.py now) and from whole passes (before), and checks that both 
 
 prints only the peak resident memory of train.py's training step (with and without the heatmap loss) and of
 smaller ones, each in a fresh process: what a training step needs above the imports.
+
+    python bench/profile_parts.py --compile
+
+prints only train.py's plain training step eager and under torch.compile, two rounds alternating, with the
+first call's seconds (the compile, from an empty cache): whether compiling pays within one training.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,9 +65,13 @@ from scratch_detector.settings import DEFAULT_CAM, DEFAULT_CAM_LAYER  # noqa: E4
 from common import bench_parser, default_data_dir, input_order, machine_lines, neu_images  # noqa: E402
 
 
-def per_item_ms(work, items: int, repeats: int = 5) -> float:
-    """Median milliseconds per item of `work()` (which handles `items` items), after one warm-up call."""
+def per_item_ms(work, items: int, repeats: int = 5, warm_up: list | None = None) -> float:
+    """Median milliseconds per item of `work()` (which handles `items` items), after one warm-up call (its
+    seconds appended to `warm_up` when given: under torch.compile that call compiles)."""
+    start = time.perf_counter()
     work()
+    if warm_up is not None:
+        warm_up.append(time.perf_counter() - start)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -70,12 +81,14 @@ def per_item_ms(work, items: int, repeats: int = 5) -> float:
 
 
 def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = False, explained: int = 0,
-                  summed: bool = False) -> float:
+                  summed: bool = False, compiled: bool = False, warm_up: list | None = None) -> float:
     """ms per image of one AdamW step (forward, backward, update) on random input; bf16: CPU autocast;
     explained: that many images of the batch also get train.py's heatmap loss (explain_loss.heatmap_loss on
     the default CAM layer, which train.py also shapes; a box across the middle): the cost of a batch with it.
     The cross-entropy is backpropagated before the heatmap loss's forward pass, as train.py does; summed: the two
-    losses added and backpropagated once instead, as train.py did before (the same gradients, more memory)."""
+    losses added and backpropagated once instead, as train.py did before (the same gradients, more memory);
+    compiled: the forward under torch.compile (inductor; the heatmap loss's double backward is not supported
+    there, so only the plain step), its first call's seconds (the compile) appended to `warm_up`."""
     torch.manual_seed(0)
     model, _ = build_model("none")
     capture = explain_loss.LayerCamCapture(model.get_submodule(DEFAULT_CAM_LAYER)) if explained else None
@@ -84,13 +97,14 @@ def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if compiled else model
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     labels = torch.randint(0, 2, (batch,))
 
     def step():
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(images), labels)
+            loss = F.cross_entropy(forward(images), labels)
             if capture is not None and summed:
                 loss = loss + explain_loss.heatmap_loss(model, capture, images[:explained], masks)
             elif capture is not None:
@@ -98,7 +112,25 @@ def training_step(size: int, channels_last: bool, batch: int = 32, bf16: bool = 
                 loss = explain_loss.heatmap_loss(model, capture, images[:explained], masks)
         loss.backward()
         optimizer.step()
-    return per_item_ms(step, batch, repeats=4)
+    return per_item_ms(step, batch, repeats=4, warm_up=warm_up)
+
+
+def compile_rows(rounds: int = 2) -> list[str]:
+    """train.py's plain step (200 px, batch 16, channels_last) eager and under torch.compile, alternating, each
+    compiled round with an empty inductor cache, as a first `python train.py` would meet it: is compiling worth
+    its first call? Needs a C++ compiler (inductor builds its CPU kernels with one)."""
+    import torch._dynamo
+    rows = []
+    for round_ in range(rounds):
+        for compiled in (False, True):
+            warm_up = []
+            with tempfile.TemporaryDirectory() as cache:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+                torch._dynamo.reset()
+                ms = training_step(200, True, 16, compiled=compiled, warm_up=warm_up)
+            rows.append(f"- round {round_ + 1}, {'torch.compile' if compiled else 'eager'}: {ms:.1f} ms/img, "
+                        f"first call {warm_up[0]:.1f} s")
+    return rows
 
 
 def peak_rss_mib() -> int:
@@ -224,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=300, help="--model-only: images per pass (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="--model-only: timed passes (default: %(default)s)")
     p.add_argument("--fits", action="store_true", help="time only train.py's fits after the last epoch (see above)")
+    p.add_argument("--compile", action="store_true",
+                   help="time only the plain training step eager against torch.compile (see compile_rows)")
     p.add_argument("--training-memory", action="store_true",
                    help="peak resident memory of train.py's training step and smaller ones, one process each")
     p.add_argument("--memory-step", nargs=3, type=int, help=argparse.SUPPRESS)  # the child of --training-memory
@@ -238,6 +272,11 @@ def main(argv=None) -> int:
         print("\n".join(machine_lines()))
         print("\n## Training step memory (200 px, channels_last, AdamW; random init, random input)")
         print("\n".join(training_memory()))
+        return 0
+    if args.compile:
+        print("\n".join(machine_lines()))
+        print("\n## Plain training step, 200 px, batch 16, channels_last: eager against torch.compile")
+        print("\n".join(compile_rows()))
         return 0
     if args.fits:
         print("\n".join(machine_lines()))
