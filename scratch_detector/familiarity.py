@@ -187,7 +187,7 @@ def fit_copies(copies: dict, train_classes, with_pixels: bool = True) -> dict:
     validation images and their copies. The pixel statistics are standardised by the training images' and copies'
     own; with_pixels=False fits the features alone (the score before pixel statistics, for comparison)."""
     (train, train_pixel_stats), (val, val_pixel_stats) = copies["train"], copies["val"]
-    classes = np.tile(np.asarray(train_classes), COPIES + 1)
+    classes = np.tile(np.asarray(train_classes), len(train) // len(train_classes))  # the images, then each copy
     if not with_pixels:
         return fit(train.numpy(), classes, val.numpy())
     center, scale = train_pixel_stats.mean(0), train_pixel_stats.std(0).clamp(min=1e-6)
