@@ -471,6 +471,25 @@ def control_rows(scored: list[Scored]) -> list[list]:
     return rows
 
 
+def expected_flagged(frames: list[Scored], control: list[Scored]) -> tuple[float, float, float]:
+    """What the model's own per-image false-alarm rate predicts for clean frames: a frame is flagged when any of
+    its n tiles is, so if each tile were an independent image like the split's non-scratch images of the frame's
+    background class, taken as they are (the control), a frame is flagged with probability 1 - (1 - p)^n.
+    -> (expected clean frames flagged with each class's own rate, with the rate pooled over the classes, the
+    pooled rate). Why: it tells how many flagged clean frames a large frame's many tiles make from a rate that
+    single images show, before any effect of the bench's construction (tiles overlap and repeat one source, so
+    they are not independent: an order of magnitude, not a prediction)."""
+    as_is = [s for s in control if s.truth.kind == "control_as_is"]
+    pooled = sum(s.flagged for s in as_is) / max(len(as_is), 1)
+    by_class = defaultdict(list)
+    for s in as_is:
+        by_class[s.truth.background].append(s.flagged)
+    clean = [s for s in frames if not s.truth.scratches]
+    per_class = sum(1 - (1 - float(np.mean(by_class[s.truth.background]) if by_class[s.truth.background] else pooled))
+                    ** s.tiles for s in clean)
+    return per_class, sum(1 - (1 - pooled) ** s.tiles for s in clean), pooled
+
+
 def failures(scored: list[Scored], flattened: dict[str, float] | None = None) -> list[str]:
     """One line per frame that misses a target; flattened: the control's p(defect) of each background image
     flattened (by stem), quoted beside a clean frame's false alarm."""
@@ -539,6 +558,14 @@ def accuracy_bench(args, model: Path, info: dict, work: Path) -> None:
           f"{args.flatten_sigma:g} px) as the backgrounds are; false alarms of each:\n")
     print(markdown_table(["background class", "images", "false alarms, as they are", "false alarms, flattened",
                           "mean p(defect), as they are", "mean p(defect), flattened"], control_rows(scored)))
+    continuous = sets["continuous (mixed sizes)"]
+    by_rate, by_pooled, pooled = expected_flagged(continuous, scored)
+    clean_tiles = [s.tiles for s in continuous if not s.truth.scratches]
+    print(f"\nExpected clean continuous frames flagged if each tile were an independent non-scratch image of the "
+          f"split, as it is (1 - (1 - p)^tiles per frame; {len(clean_tiles)} frames of {min(clean_tiles, default=0)} "
+          f"to {max(clean_tiles, default=0)} tiles): {by_rate:.1f} with each class's own false-alarm rate, "
+          f"{by_pooled:.1f} with the pooled rate p = {pooled:.4f}; flagged: "
+          f"{sum(s.flagged for s in continuous if not s.truth.scratches)}")
     flattened = {Path(s.truth.name).stem: s.probability for s in scored if s.truth.kind == "control_flattened"}
     for name, items in sets.items():
         lines = failures(items, flattened)

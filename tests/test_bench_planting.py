@@ -84,3 +84,21 @@ def test_the_control_images_are_the_backgrounds_filter_applied_to_whole_images(t
         gradient, left = np.ptp(source.mean(0)), np.ptp(flat.mean(0))  # brightness across the columns
         assert gradient > 100 and left < 0.5 * gradient
         assert abs(flat.mean() - source.mean()) < 2
+
+
+def scored(name: str, kind: str, background: str, flagged: bool, tiles: int = 1, scratch: bool = False):
+    truth = frames.Truth(name, kind, 200, 200, background, [[(0, 0, 10, 10)]] if scratch else [])
+    return frames.Scored(truth, flagged, 0.0, tiles, [], [], 0, None, None, 0.0)
+
+
+def test_expected_flagged_frames_follow_the_per_image_false_alarm_rate():
+    # control: inclusion 1 false alarm of 4 images, crazing 0 of 4 -> pooled 1/8
+    control = ([scored(f"i{k}", "control_as_is", "inclusion", k == 0) for k in range(4)]
+               + [scored(f"c{k}", "control_as_is", "crazing", False) for k in range(4)]
+               + [scored("f", "control_flattened", "crazing", True)])          # the flattened ones do not count
+    clean = [scored("a", "continuous", "inclusion", True, tiles=3), scored("b", "continuous", "crazing", False, 10),
+             scored("s", "continuous", "crazing", True, 50, scratch=True)]    # a scratch frame does not count
+    by_class, by_pooled, pooled = frames.expected_flagged(clean, control)
+    assert pooled == 1 / 8
+    assert abs(by_class - (1 - 0.75 ** 3)) < 1e-12                            # crazing's rate 0 adds nothing
+    assert abs(by_pooled - ((1 - (7 / 8) ** 3) + (1 - (7 / 8) ** 10))) < 1e-12
