@@ -71,3 +71,15 @@ def test_a_gimp_pattern_is_read_as_its_pixels(tmp_path):
     (tmp_path / "bad.pat").write_bytes(np.array([24, 1, 1, 1, 1], ">u4").tobytes() + b"XXXX" + b"\x00")
     with pytest.raises(ValueError, match="not a GIMP pattern"):
         unfamiliar.read_gimp_pattern(tmp_path / "bad.pat")
+
+
+def test_the_fifth_held_out_set_holds_no_earlier_picture_and_no_near_duplicate():
+    pytest.importorskip("pydicom")
+    images = {name: np.asarray(load()) for name, (_, load) in unfamiliar.fifth_set().items()}
+    assert images and not {f"dicom_{name[:-4]}" for name in unfamiliar.USED_DICOM} & set(images)
+    assert all(min(a.shape[:2]) >= unfamiliar.MIN_SIDE and a.dtype == np.uint8 for a in images.values())
+    from PIL import Image
+    small = [np.asarray(Image.fromarray(a).convert("L").resize((64, 64), Image.BILINEAR), np.float32)
+             for a in images.values()]
+    gaps = [np.abs(a - b).mean() for i, a in enumerate(small) for b in small[:i]]
+    assert min(gaps) >= unfamiliar.NEAR_DUPLICATE
