@@ -390,8 +390,9 @@ def main(argv=None) -> int:
           f"{threshold:.4f} on the calibrated p (validation Youden J, widest margin in log-odds): val acc "
           f"{val['accuracy']:.4f}, scratch recall {val['recall']:.4f}, specificity {val['specificity']:.4f}")
     print(f"familiarity: {familiarity.LAYER} of {len(splits['train'])} training images and {familiarity.COPIES} "
-          f"camera-changed copies; unfamiliar beyond {fitted['familiarity']['cutoff']:.2f} "
-          f"({familiarity.CUTOFF_QUANTILE:.1%} of validation images and copies within)")
+          f"camera-changed copies, and {familiarity.DEEP_LAYER} of the images alone; unfamiliar beyond "
+          f"{fitted['familiarity']['cutoff']:.2f} ({familiarity.CUTOFF_QUANTILE:.1%} of validation images and "
+          f"copies within, and of the images alone for {familiarity.DEEP_LAYER})")
 
     log_fields = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_recall", "seconds"]
     write_csv(reports / "training_log.csv", log_fields,

@@ -3,27 +3,30 @@
     python bench/unfamiliar.py                      # model_binary.pth: its splits, and the non-steel set
     python bench/unfamiliar.py --model other.pth --json figures.json
 
-Reports, for the checkpoint's own score (familiarity.py: Mahalanobis distance of an early block's pooled
-features, fitted on training images and camera-changed copies) and, to show why it was chosen, seven candidates
-read from the same pass: the distance to the nearest training image or copy in the shipped score's own whitened
-space (k-nearest neighbours, k = 1); either of that and the shipped score, each over its own cut-off; the
-shipped vector fitted on the clean images alone (no copies: what the copies cost and buy); the shipped distance
-without its pixel statistics; the Mahalanobis distance of the pooled 1280-d features the head
-reads, fitted on the clean training images; the energy of the logits (-logsumexp); and one minus the largest
-softmax probability. Each candidate's cut-off is at the same validation quantile (the shipped score's:
-validation and its copies; "either" flags an image over either cut-off):
+Reports, for the checkpoint's own score (familiarity.py: the Mahalanobis distance of an early block's pooled
+features and pixel statistics, fitted on training images and camera-changed copies, or of the deepest block's,
+fitted on the clean images, whichever is further over its cut-off; an older checkpoint has the early one alone)
+and, to show why it was chosen, candidates read from the same pass: the early score alone; the distance to the
+nearest training image or copy in the early score's own whitened space (k-nearest neighbours, k = 1); either of
+that and the early score, each over its own cut-off; the early vector fitted on the clean images alone (no
+copies: what the copies cost and buy); the deep block fitted on the clean images, alone and beside the early
+score (the shipped score, refitted here); the early distance without its pixel statistics; the Mahalanobis
+distance of the pooled 1280-d features the head reads, fitted on the clean training images; the energy of the
+logits (-logsumexp); and one minus the largest softmax probability. Each candidate's cut-off is at the same
+validation quantile (the early score's: validation and its copies; the clean fits': the clean validation
+images; "either" flags an image over either cut-off):
   1. the share of NEU test images flagged unfamiliar (target <= 1 %);
   2. the share of non-steel images flagged (target >= 95 %) and the AUROC of the score, NEU test against
      non-steel. The non-steel set (NON_STEEL below) is the pictures that ship inside scikit-image and
      matplotlib (each named with its source) and synthetic images made here (noise, flat grey, gradients,
-     text, checkerboards ...); two held-out sets (NON_STEEL_HELD_OUT, NON_STEEL_SECOND) were each assembled
-     after the score was chosen and before anything was scored on them. Each image goes through infer.py's
+     text, checkerboards ...); five held-out sets (NON_STEEL_HELD_OUT, NON_STEEL_SECOND, NON_STEEL_THIRD,
+     fourth_set(), fifth_set()) were each assembled and committed before anything was scored on them. Each image goes through infer.py's
      own decoding: one larger than a NEU tile is tiled, and is unfamiliar when most of its tiles are (the
      median tile score);
   3. the share of NEU test images flagged under each camera change of bench/robustness.py, beside that row's
      accuracy and recall;
-  4. the shipped score at other cut-offs (validation quantiles 0.95 to 1): whether a lower cut-off alone would
-     flag the non-steel sets, and what it costs on NEU test and the camera changes;
+  4. the early score (features.3) at other cut-offs (validation quantiles 0.95 to 1): whether a lower cut-off
+     alone would flag the non-steel sets, and what it costs on NEU test and the camera changes;
   5. calibration: the expected calibration error of p(defect) on the validation and test splits, without and
      with the checkpoint's temperature.
 A checkpoint trained before familiarity statistics existed gets them, its temperature and its threshold on
@@ -510,17 +513,28 @@ def write_non_steel(folder: Path, images: dict = NON_STEEL) -> list[tuple[str, s
 # Scores
 # ---------------------------------------------------------------------------------------------------------
 POOLED = "avgpool"  # the 1280-d vector the head reads: the candidate the issue proposed
-DEEP_LAYER = "features.7"  # the last block before the 1x1 head convolution: 320 channels at 7 x 7
-CANDIDATES = ("shipped", "nearest", "either", "clean_only", "deep_clean", "either_deep", "features_only", "pooled_1280",
-              "energy", "max_softmax")
-LABELS = {"shipped": "shipped: Mahalanobis {layer} + pixel statistics, camera-changed copies",
-          "nearest": "distance to the nearest training image or copy, the shipped vector whitened",
-          "either": "either of the two above over its own cut-off (the larger of each score over its cut-off)",
-          "clean_only": "the shipped vector fitted on the clean training images alone (no copies)",
+DEEP_LAYER = familiarity.DEEP_LAYER  # the last block before the 1x1 head convolution: 320 channels at 7 x 7
+CANDIDATES = ("shipped", "early", "nearest", "either", "clean_only", "deep_clean", "either_deep", "features_only",
+              "pooled_1280", "energy", "max_softmax")
+LABELS = {"shipped": "shipped: {shipped}",
+          "early": "Mahalanobis {layer} + pixel statistics, camera-changed copies (alone: the score shipped until "
+                   "2026-12-03)",
+          "nearest": "distance to the nearest training image or copy, the early score's vector whitened",
+          "either": "the early score or the nearest distance, each over its own cut-off",
+          "clean_only": "the early score's vector fitted on the clean training images alone (no copies)",
           "deep_clean": f"Mahalanobis {DEEP_LAYER} (mean-pooled, 320-d) + pixel statistics, clean images alone",
-          "either_deep": "the shipped score or the one above, each over its own cut-off (the 2026-12-03 candidate)",
+          "either_deep": "the early score or the one above, each over its own cut-off (the 2026-12-03 candidate, "
+                         "shipped since)",
           "features_only": "Mahalanobis {layer} alone (no pixel statistics), camera-changed copies",
           "pooled_1280": "Mahalanobis, pooled 1280-d, clean images"}
+
+
+def describe_score(stats: dict) -> str:
+    """The checkpoint's own score, in words (an older checkpoint has the early score alone)."""
+    early = f"Mahalanobis {stats['layer']} + pixel statistics, camera-changed copies"
+    if "deep" not in stats:
+        return early
+    return f"{early}, or {stats['deep']['layer']} + pixel statistics, clean images, each over its own cut-off"
 
 
 def pooled_features(model, meta: dict, pixels: torch.Tensor, device) -> torch.Tensor:
@@ -546,7 +560,7 @@ def fit_nearest(copies: dict, stats: dict) -> dict:
     return nearest
 
 
-def fit_clean(copies: dict, train_classes) -> dict:
+def fit_early_clean(copies: dict, train_classes) -> dict:
     """The shipped score's vector fitted without the camera-changed copies: class means, covariance, pixel
     standardisation and cut-off from the clean training and validation images only (the first rows of each part
     of familiarity.copy_features). What the copies buy: camera drift kept familiar, at the price of the smooth
@@ -563,17 +577,19 @@ def nearest_score(whitened: torch.Tensor, nearest: dict) -> torch.Tensor:
 def unit_scores(model, meta: dict, stats: dict, fitted: dict, pixels: torch.Tensor, device) -> dict:
     """Per image: each candidate score (larger = less familiar) and the calibrated p(defect). fitted: the
     statistics of the candidates fitted here ("features_only", "pooled_1280", "nearest")."""
-    logits, early = predict_logits(model, pixels, meta["normalization"], 64, device, stats["layer"])
+    logits, features = predict_logits(model, pixels, meta["normalization"], 64, device, familiarity.layers(stats))
     raw = logits * meta["temperature"]
     pooled = fitted["pooled_1280"]
-    described = familiarity.describe(early, pixels, stats)  # the shipped score's vector, read by both scores
+    early = features[:, :familiarity.early_width(stats)]  # the early block's pooled features
+    described = familiarity.describe(early, pixels, stats)  # the early score's vector, read by three scores
     nearest = nearest_score(described @ fitted["nearest"]["whiten"], fitted["nearest"])
-    shipped = familiarity.score(described, stats)  # familiarity.unfamiliarity, without describing twice
-    either = torch.maximum(shipped / float(stats["cutoff"]), nearest / fitted["nearest"]["cutoff"])
+    early_score = familiarity.score(described, stats)
+    either = torch.maximum(early_score / float(stats["cutoff"]), nearest / fitted["nearest"]["cutoff"])
     deep = familiarity.unfamiliarity(predict_features(model, pixels, meta["normalization"], 64, device, DEEP_LAYER),
                                      pixels, fitted["deep_clean"])
-    either_deep = torch.maximum(shipped / float(stats["cutoff"]), deep / fitted["deep_clean"]["cutoff"])
-    return {"shipped": shipped.numpy(), "nearest": nearest.numpy(), "either": either.numpy(),
+    either_deep = torch.maximum(early_score / float(stats["cutoff"]), deep / fitted["deep_clean"]["cutoff"])
+    return {"shipped": familiarity.unfamiliarity(features, pixels, stats).numpy(), "early": early_score.numpy(),
+            "nearest": nearest.numpy(), "either": either.numpy(),
             "clean_only": familiarity.unfamiliarity(early, pixels, fitted["clean_only"]).numpy(),
             "deep_clean": deep.numpy(), "either_deep": either_deep.numpy(),
             "features_only": familiarity.score(early, fitted["features_only"]).numpy(),
@@ -598,7 +614,7 @@ TRADE_OFF_QUANTILES = (0.95, 0.98, 0.99, 0.995, 1.0)
 
 def trade_off_rows(val: np.ndarray, test: np.ndarray, others: dict, camera: dict,
                    quantiles=TRADE_OFF_QUANTILES) -> list[dict]:
-    """The shipped score at other cut-offs: for each validation quantile (of the validation images and their
+    """The early score at other cut-offs: for each validation quantile (of the validation images and their
     copies, as train.py sets the cut-off), how many NEU test images, images of each non-steel set and NEU test
     images under each asked camera change it flags. Why: it tells a score that separates too little from a
     cut-off set too high; no quantile is chosen from this table (it reads the already-seen sets)."""
@@ -655,13 +671,14 @@ def main(argv=None) -> int:
     fitted = {"pooled_1280": familiarity.fit(pooled_features(model, meta, pixels["train"], device), train_classes,
                                              pooled_features(model, meta, pixels["val"], device), layer=POOLED),
               "features_only": familiarity.fit_copies(copies, train_classes, with_pixels=False),
-              "nearest": fit_nearest(copies, stats), "clean_only": fit_clean(copies, train_classes),
-              "deep_clean": familiarity.fit_copies(
+              "nearest": fit_nearest(copies, stats), "clean_only": fit_early_clean(copies, train_classes),
+              "deep_clean": familiarity.fit_clean(
                   {part: (predict_features(model, pixels[part], meta["normalization"], 64, device, DEEP_LAYER),
                           familiarity.pixel_statistics(pixels[part])) for part in ("train", "val")}, train_classes)}
     scores = {name: unit_scores(model, meta, stats, fitted, pixels[name], device) for name in ("val", "test")}
     cutoffs = {c: float(np.quantile(scores["val"][c], stats["quantile"])) for c in CANDIDATES}
-    cutoffs.update(shipped=float(stats["cutoff"]), pooled_1280=float(fitted["pooled_1280"]["cutoff"]),
+    cutoffs.update(shipped=float(stats["cutoff"]), early=float(stats["cutoff"]),
+                   pooled_1280=float(fitted["pooled_1280"]["cutoff"]),
                    features_only=float(fitted["features_only"]["cutoff"]), nearest=fitted["nearest"]["cutoff"],
                    clean_only=float(fitted["clean_only"]["cutoff"]), deep_clean=float(fitted["deep_clean"]["cutoff"]),
                    either_deep=1.0,
@@ -699,8 +716,9 @@ def main(argv=None) -> int:
         m = binary_metrics(changed["p"], labels["test"], float(meta["threshold"]))
         flagged = changed["shipped"] > cutoffs["shipped"]
         if name in PERTURBATIONS and name != "none":
-            asked_scores[name] = changed["shipped"]
+            asked_scores[name] = changed["early"]
         rows.append({"perturbation": name, "asked": name in PERTURBATIONS, "flagged": int(flagged.sum()),
+                     "flagged_early": int((changed["early"] > cutoffs["early"]).sum()),
                      "flagged_either": int((changed["either"] > cutoffs["either"]).sum()),
                      "flagged_clean_only": int((changed["clean_only"] > cutoffs["clean_only"]).sum()),
                      "flagged_either_deep": int((changed["either_deep"] > 1).sum()),
@@ -708,8 +726,8 @@ def main(argv=None) -> int:
                      "wrong_among_flagged": int(((changed["p"] >= meta["threshold"]) != labels["test"])[flagged].sum())})
     figures["camera_changes"] = rows
     val_with_copies = familiarity.score(familiarity.with_pixel_statistics(*copies["val"], stats), stats).numpy()
-    set_scores = {which: [s["shipped"] for _, _, s in scored] for which, scored in others.items()}
-    figures["trade_off"] = trade_off_rows(val_with_copies, scores["test"]["shipped"], set_scores, asked_scores)
+    set_scores = {which: [s["early"] for _, _, s in scored] for which, scored in others.items()}
+    figures["trade_off"] = trade_off_rows(val_with_copies, scores["test"]["early"], set_scores, asked_scores)
 
     T = float(meta["temperature"])
     figures["calibration"] = {name: calibration_summary(scores[name]["logits"], labels[name], T)
@@ -727,7 +745,8 @@ def main(argv=None) -> int:
     print(markdown_table(["score", "cut-off", "NEU test flagged",
                           *[h for which in others
                             for h in (f"{set_names[which]} flagged", f"AUROC, NEU test vs {set_names[which]}")]],
-                         [[LABELS.get(c, c).format(layer=stats["layer"]), f"{cutoffs[c]:.3f}",
+                         [[LABELS.get(c, c).format(layer=stats["layer"], shipped=describe_score(stats)),
+                           f"{cutoffs[c]:.3f}",
                            share(f["test_flagged"], f["n_test"]),
                            *[cell for which in others for cell in (share(f[f"{which}_flagged"], f[f"n_{which}"]),
                                                                  f"{f[f'{which}_auroc']:.4f}")]]
@@ -743,16 +762,18 @@ def main(argv=None) -> int:
                                f"{r['p']:.3f}"]
                               for r in figures[which]]))
     print()
-    print(markdown_table(["camera change (NEU test)", "flagged unfamiliar", "flagged by either",
+    print(markdown_table(["camera change (NEU test)", "flagged unfamiliar", "flagged by the early score alone",
+                          "flagged by either",
                           "flagged by the clean-only fit", "flagged by either (deep)", "accuracy",
                           "scratch recall", "wrong verdicts among the flagged"],
                          [[r["perturbation"] + ("" if r["asked"] else " (other value)"),
                            f"{r['flagged']} / {r['n']} ({r['flagged'] / r['n']:.1%})",
-                           f"{r['flagged_either']} / {r['n']}", f"{r['flagged_clean_only']} / {r['n']}",
+                           f"{r['flagged_early']} / {r['n']}", f"{r['flagged_either']} / {r['n']}",
+                           f"{r['flagged_clean_only']} / {r['n']}",
                            f"{r['flagged_either_deep']} / {r['n']}",
                            f"{r['accuracy']:.4f}",
                            f"{r['recall']:.4f}", r["wrong_among_flagged"]] for r in rows]))
-    print("\nThe shipped score at other cut-offs (validation quantile of the validation images and copies; "
+    print("\nThe early score at other cut-offs (validation quantile of the validation images and copies; "
           "asked camera rows: the most flagged in one row):")
     print(markdown_table(["quantile", "cut-off", "NEU test flagged", *[f"{set_names[w]} flagged" for w in others],
                           "asked camera rows, most flagged"],

@@ -63,7 +63,7 @@ def evaluate(args) -> dict:
     labels = dataset.labels_of(samples)
     stats = meta.get("familiarity")
     logits, features = predict_logits(model, pixels, meta["normalization"], args.batch_size, device,
-                                      None if stats is None else stats["layer"])
+                                      None if stats is None else familiarity.layers(stats))
     probabilities = logits.softmax(1)[:, 1].numpy()
     scores = None if stats is None else familiarity.unfamiliarity(features, pixels, stats).numpy()
     metrics = binary_metrics(probabilities, labels, threshold)

@@ -17,8 +17,17 @@ PIXEL_STATISTICS describe what that removes or blurs: the image's spread (its co
 level changes between neighbours at two distances relative to that spread (its roughness). They are appended,
 standardised, to the pooled features, and the one distance covers both.
 
+Why a second, deeper score beside it (DEEP_LAYER, under "deep"): what the camera-changed copies teach the early
+score to accept, a blurred or magnified NEU image, is also what smooth pictures look like there (a CT slice, a
+photograph with large smooth areas, an enlarged small photo). The deepest block before the head was trained under
+that same camera augmentation, so it moves little with the camera, and fitted on the clean images alone it still
+tells steel from such pictures. An image is unfamiliar when either distance is over its own cut-off; the deep one
+is reported in the early one's units (scaled by the ratio of the cut-offs), so one score and one cut-off reach
+the CSV. Chosen on held-out non-steel sets with a rule written first: bench/README.md.
+
 The checkpoint stores the statistics under "familiarity"; an older checkpoint has none and its images are scored
-as unknown (None); one fitted before the pixel statistics has no "pixel_center" and is scored on features alone.
+as unknown (None); one fitted before the pixel statistics has no "pixel_center" and is scored on features alone;
+one fitted before the deep score has no "deep" and is scored on the early block alone.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from .augment import augment
 CUTOFF_QUANTILE = 0.995
 METHOD = "mahalanobis"
 LAYER = "features.3"
+DEEP_LAYER = "features.7"  # the last block before the head's 1 x 1 convolution
 COPIES = 2
 COPY_AUGMENTATION = ("dihedral", "camera", "zoom")
 PIXEL_STATISTICS = ("log spread", "log roughness at 1 px", "log roughness at 4 px")
@@ -44,28 +54,37 @@ class StopForward(Exception):
 
 
 class FeatureTap:
-    """Keeps the mean-pooled output (B, C) of one layer from the model's latest forward pass (a forward hook).
-    stop=True ends the pass there (StopForward): fitting the statistics needs nothing after LAYER, so the layers
-    after it need not run."""
+    """Keeps the mean-pooled output (B, C) of one layer, or of several (their outputs side by side, in the order
+    given), from the model's latest forward pass (forward hooks). stop=True ends the pass once the last of them
+    has run (StopForward): fitting the statistics needs nothing after it, so the layers after it need not run."""
 
-    def __init__(self, model: nn.Module, layer: str = LAYER, stop: bool = False):
-        self.features: torch.Tensor | None = None
+    def __init__(self, model: nn.Module, layer: str | tuple[str, ...] = LAYER, stop: bool = False):
+        self.layers = (layer,) if isinstance(layer, str) else tuple(layer)
+        self.kept: dict[str, torch.Tensor] = {}
         self.stop = stop
-        self.handle = model.get_submodule(layer).register_forward_hook(self._keep)
+        self.handles = [model.get_submodule(name).register_forward_hook(self._keeper(name)) for name in self.layers]
 
-    def _keep(self, module, inputs, output):
-        self.features = output.detach().float().mean((2, 3))
-        if self.stop:
-            raise StopForward
+    def _keeper(self, name: str):
+        def keep(module, inputs, output):
+            self.kept[name] = output.detach().float().mean((2, 3))
+            if self.stop and len(self.kept) == len(self.layers):
+                raise StopForward
+        return keep
 
     def take(self) -> torch.Tensor:
-        features, self.features = self.features, None
-        if features is None:
+        kept, self.kept = self.kept, {}
+        if len(kept) < len(self.layers):
             raise RuntimeError("no forward pass since the last take()")
-        return features
+        return torch.cat([kept[name] for name in self.layers], 1)
 
     def remove(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
+
+
+def layers(stats: dict) -> tuple[str, ...]:
+    """The layers whose pooled outputs the score reads, in the order unfamiliarity() expects them side by side."""
+    return (stats["layer"],) + ((stats["deep"]["layer"],) if "deep" in stats else ())
 
 
 def pixel_statistics(pixels, chunk: int = 64) -> torch.Tensor:
@@ -105,8 +124,22 @@ def with_pixel_statistics(features: torch.Tensor, pixel_stats: torch.Tensor | No
 
 
 def unfamiliarity(features: torch.Tensor, pixels, stats: dict) -> torch.Tensor:
-    """(B, C) pooled features and the (B, S, S, 3) uint8 pixels they came from -> (B,) score (score())."""
-    return score(describe(features, pixels, stats), stats)
+    """(B, C) pooled features of layers(stats), side by side, and the (B, S, S, 3) uint8 pixels they came from ->
+    (B,) score: the early block's distance (score()), or with a deep score the larger of it and the deep distance
+    in the early one's units; unfamiliar beyond stats["cutoff"] either way."""
+    pixel_stats = pixel_statistics(pixels) if has_pixel_statistics(stats) else None
+    if "deep" not in stats:
+        return score(with_pixel_statistics(features, pixel_stats, stats), stats)
+    early, deep = early_width(stats), stats["deep"]
+    deep_pixels = pixel_stats if has_pixel_statistics(deep) else None
+    return torch.maximum(score(with_pixel_statistics(features[:, :early], pixel_stats, stats), stats),
+                         score(with_pixel_statistics(features[:, early:], deep_pixels, deep), deep)
+                         * (float(stats["cutoff"]) / float(deep["cutoff"])))
+
+
+def early_width(stats: dict) -> int:
+    """How many of the features side by side (layers(stats)) are the early block's: the rest are the deep one's."""
+    return stats["means"].shape[1] - (len(PIXEL_STATISTICS) if has_pixel_statistics(stats) else 0)
 
 
 def ledoit_wolf(centered: np.ndarray) -> tuple[np.ndarray, float]:
@@ -182,24 +215,40 @@ def copy_features(features_of: Callable[[torch.Tensor], torch.Tensor], train_pix
     return {"train": described(train_pixels), "val": described(val_pixels)}
 
 
-def fit_copies(copies: dict, train_classes, with_pixels: bool = True) -> dict:
+def fit_copies(copies: dict, train_classes, with_pixels: bool = True, layer: str = LAYER) -> dict:
     """fit() on copy_features()'s output (labels: the training images' NEU classes), the cut-off from the
     validation images and their copies. The pixel statistics are standardised by the training images' and copies'
     own; with_pixels=False fits the features alone (the score before pixel statistics, for comparison)."""
     (train, train_pixel_stats), (val, val_pixel_stats) = copies["train"], copies["val"]
     classes = np.tile(np.asarray(train_classes), len(train) // len(train_classes))  # the images, then each copy
     if not with_pixels:
-        return fit(train.numpy(), classes, val.numpy())
+        return fit(train.numpy(), classes, val.numpy(), layer=layer)
     center, scale = train_pixel_stats.mean(0), train_pixel_stats.std(0).clamp(min=1e-6)
     return fit(torch.cat([train, (train_pixel_stats - center) / scale], 1).numpy(), classes,
-               torch.cat([val, (val_pixel_stats - center) / scale], 1).numpy(), pixel_center=center, pixel_scale=scale)
+               torch.cat([val, (val_pixel_stats - center) / scale], 1).numpy(), layer=layer,
+               pixel_center=center, pixel_scale=scale)
 
 
 def fit_model(features_of: Callable[[torch.Tensor], torch.Tensor], train_pixels: torch.Tensor, train_classes,
-              val_pixels: torch.Tensor, seed: int = 0, with_pixels: bool = True) -> dict:
+              val_pixels: torch.Tensor, seed: int = 0, with_pixels: bool = True,
+              deep_features_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """fit_copies() on the features (features_of: uint8 pixels -> (N, C) features at LAYER) and pixel statistics of
-    the training images and their copies, with the cut-off from the validation images and their copies."""
-    return fit_copies(copy_features(features_of, train_pixels, val_pixels, seed), train_classes, with_pixels)
+    the training images and their copies, with the cut-off from the validation images and their copies. With
+    deep_features_of (the same at DEEP_LAYER), the deep score under "deep": fitted on the clean training images
+    alone, its cut-off from the clean validation images (fit_clean)."""
+    copies = copy_features(features_of, train_pixels, val_pixels, seed)
+    stats = fit_copies(copies, train_classes, with_pixels)
+    if deep_features_of is not None:
+        stats["deep"] = fit_clean({part: (deep_features_of(pixels), copies[part][1][:len(pixels)])
+                                   for part, pixels in (("train", train_pixels), ("val", val_pixels))},
+                                  train_classes, with_pixels)
+    return stats
+
+
+def fit_clean(clean: dict, train_classes, with_pixels: bool = True) -> dict:
+    """The deep score's statistics: {"train": (features at DEEP_LAYER, pixel statistics), "val": (...)} of the clean
+    images (no copies) -> fit_copies() at DEEP_LAYER."""
+    return fit_copies(clean, train_classes, with_pixels, layer=DEEP_LAYER)
 
 
 def is_familiar(value: float | None, cutoff: float | None) -> bool | None:
@@ -215,9 +264,12 @@ def frame_score(tile_scores) -> float:
     return float(np.median(np.asarray(tile_scores, np.float64)))
 
 
-def valid(stats) -> bool:
-    """Whether familiarity statistics fit together (load_checkpoint refuses damaged ones)."""
+def valid(stats, nested: bool = False) -> bool:
+    """Whether familiarity statistics fit together (load_checkpoint refuses damaged ones); a deep score's (under
+    "deep") must too, and holds none of its own."""
     try:
+        if "deep" in stats and (nested or not valid(stats["deep"], nested=True)):
+            return False
         pixels = stats.get("pixel_center")
         return bool(stats["method"] == METHOD and isinstance(stats["layer"], str) and stats["means"].ndim == 2
                     and tuple(stats["precision"].shape) == (stats["means"].shape[1],) * 2

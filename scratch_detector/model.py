@@ -367,11 +367,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, pixels: torch.Tensor, normalization: str, batch_size: int, device,
-                   features_at: str | None = None,
+                   features_at: str | tuple[str, ...] | None = None,
                    stop_at_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (logits (N, 2), the mean-pooled output of layer `features_at` in the same pass (N, C), or None) for
-    each uint8 (N, S, S, 3) image, in order, in batches. stop_at_features ends each pass at that layer: the
-    features only, and no logits (N = 0); predict_features."""
+    each uint8 (N, S, S, 3) image, in order, in batches; several layers: their outputs side by side
+    (familiarity.FeatureTap). stop_at_features ends each pass at that layer: the features only, and no logits
+    (N = 0); predict_features."""
     model.eval()
     tap = familiarity.FeatureTap(model, features_at, stop=stop_at_features) if features_at else None
     logits, features = [torch.empty(0, len(BINARY_CLASSES))], []

@@ -194,7 +194,8 @@ class BatchPredictor:
         self.model, self.normalization, self.device = model, normalization, device
         self.cam = None if cam_method is None else GradCAM(model, cam_layer, cam_method)
         self.familiarity = familiarity_stats
-        self.tap = None if familiarity_stats is None else familiarity.FeatureTap(model, familiarity_stats["layer"])
+        self.tap = (None if familiarity_stats is None else
+                    familiarity.FeatureTap(model, familiarity.layers(familiarity_stats)))
 
     def __call__(self, batch: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """-> (p(defect) per unit, heatmaps for class defect (each min-max scaled to [0, 1]) or None,

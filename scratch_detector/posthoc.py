@@ -20,8 +20,8 @@ def fit_after_training(model, train_pixels: torch.Tensor, train_classes, val_pix
     The model's own logits are not changed: load_checkpoint applies the temperature when it reads the file.
     temperature: keep this one instead of fitting it (a fine-tune keeps its starting model's: its own validation
     split is too small to fit one; bench/README.md, your own line)."""
-    def features_of(pixels):
-        return predict_features(model, pixels, normalization, batch_size, device, familiarity.LAYER)
+    def features_of(pixels, layer=familiarity.LAYER):
+        return predict_features(model, pixels, normalization, batch_size, device, layer)
 
     val_logits = predict_logits(model, val_pixels, normalization, batch_size, device)[0]
     temperature = fit_temperature(val_logits, val_labels) if temperature is None else float(temperature)
@@ -29,4 +29,6 @@ def fit_after_training(model, train_pixels: torch.Tensor, train_classes, val_pix
     threshold = choose_threshold(val_probabilities, val_labels)
     return {"temperature": temperature, "threshold": threshold, "val_probabilities": val_probabilities,
             "val_metrics": binary_metrics(val_probabilities, val_labels, threshold),
-            "familiarity": familiarity.fit_model(features_of, train_pixels, train_classes, val_pixels, seed)}
+            "familiarity": familiarity.fit_model(
+                features_of, train_pixels, train_classes, val_pixels, seed,
+                deep_features_of=lambda pixels: features_of(pixels, familiarity.DEEP_LAYER))}

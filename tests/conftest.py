@@ -161,13 +161,15 @@ def steel_like_batch(seeds, size: int = 64) -> np.ndarray:
 def familiar_checkpoint(tmp_path_factory):
     """A checkpoint with known familiarity statistics and a temperature of 0.5: random weights with spread
     (random_model_with_spread), statistics fitted on synthetic steel-like textures (seeds 0-59) and their
-    camera-changed copies, with the cut-off from seeds 60-99 and theirs, by the function train.py uses."""
+    camera-changed copies, with the cut-off from seeds 60-99 and theirs, and the deep score from the same images
+    without copies, by the function train.py uses."""
     net, init = random_model_with_spread(7, "per-image")
 
-    def features_of(pixels):
-        return predict_features(net, pixels, "per-image", 16, "cpu", familiarity.LAYER)
+    def features_of(pixels, layer=familiarity.LAYER):
+        return predict_features(net, pixels, "per-image", 16, "cpu", layer)
     stats = familiarity.fit_model(features_of, torch.from_numpy(steel_like_batch(range(60))),
-                                  np.tile(["plain", "scratch"], 60), torch.from_numpy(steel_like_batch(range(60, 100))))
+                                  np.tile(["plain", "scratch"], 60), torch.from_numpy(steel_like_batch(range(60, 100))),
+                                  deep_features_of=lambda pixels: features_of(pixels, familiarity.DEEP_LAYER))
     path = tmp_path_factory.mktemp("familiar") / "familiar.pth"
     save_checkpoint(path, net, {"image_size": 64, "normalization": "per-image", "threshold": 0.5, "pretrained": init,
                                 "temperature": 0.5, "familiarity": stats})

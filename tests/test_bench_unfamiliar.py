@@ -49,7 +49,7 @@ def test_the_clean_only_fit_ignores_the_copies():
     far = lambda n: torch.full((n, 4), 50.0)  # copies far from every clean image: they would move means and cut-off
     copies = {"train": (torch.cat([clean_train, far(100 * familiarity.COPIES)]), pixel(100 * (familiarity.COPIES + 1))),
               "val": (torch.cat([clean_val, far(40 * familiarity.COPIES)]), pixel(40 * (familiarity.COPIES + 1)))}
-    stats = unfamiliar.fit_clean(copies, classes)
+    stats = unfamiliar.fit_early_clean(copies, classes)
     assert stats["n_train"] == 100 and stats["n_val"] == 40
     assert torch.allclose(stats["means"][1, :4], clean_train[50:].mean(0), atol=1e-5)
     assert torch.allclose(stats["pixel_center"], copies["train"][1][:100].mean(0), atol=1e-5)

@@ -84,7 +84,7 @@ def test_statistics_from_the_model_flag_a_far_away_input_and_not_a_training_like
     new_steel = torch.from_numpy(steel_like_batch(range(140, 150)))
     far = torch.from_numpy(far_away_image()[None])
     for pixels, familiar in ((new_steel, True), (far, False)):
-        features = predict_logits(model, pixels, "per-image", 8, "cpu", stats["layer"])[1]
+        features = predict_logits(model, pixels, "per-image", 8, "cpu", familiarity.layers(stats))[1]
         scores = familiarity.unfamiliarity(features, pixels, stats)
         verdicts = [familiarity.is_familiar(float(v), stats["cutoff"]) for v in scores]
         assert verdicts == [familiar] * len(pixels), (familiar, scores, stats["cutoff"])
@@ -131,9 +131,9 @@ def test_flat_and_smooth_frames_are_flagged_by_the_pixel_statistics(familiar_che
     grey, bright = np.full((1, 64, 64, 3), 128, np.uint8), np.full((1, 64, 64, 3), 250, np.uint8)
     frames = torch.from_numpy(np.concatenate([grey, bright, ramp]))
 
-    def features_of(pixels):
-        return predict_logits(model, pixels, "per-image", 16, "cpu", stats["layer"])[1]
-    scores = familiarity.unfamiliarity(features_of(frames), frames, stats)
+    def features_of(pixels, layers=stats["layer"]):
+        return predict_logits(model, pixels, "per-image", 16, "cpu", layers)[1]
+    scores = familiarity.unfamiliarity(features_of(frames, familiarity.layers(stats)), frames, stats)
     assert [familiarity.is_familiar(float(v), stats["cutoff"]) for v in scores] == [False] * 3, scores
 
     older = familiarity.fit_model(features_of, torch.from_numpy(steel_like_batch(range(60))),
@@ -286,3 +286,57 @@ def test_a_checkpoint_without_statistics_still_infers_and_says_why(tiny_checkpoi
     assert "familiarity: not checked" in result.stdout
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     assert "trained without familiarity statistics" in page
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The deep score beside the early one
+# ---------------------------------------------------------------------------------------------------------
+def test_a_tap_on_two_layers_gives_both_side_by_side_and_stops_after_the_last(familiar_checkpoint):
+    model, meta = load_checkpoint(familiar_checkpoint)
+    stats = meta["familiarity"]
+    assert familiarity.layers(stats) == (familiarity.LAYER, familiarity.DEEP_LAYER)
+    pixels = torch.from_numpy(steel_like_batch(range(160, 163)))
+    both = predict_logits(model, pixels, "per-image", 4, "cpu", familiarity.layers(stats))[1]
+    early = predict_logits(model, pixels, "per-image", 4, "cpu", familiarity.LAYER)[1]
+    deep = predict_logits(model, pixels, "per-image", 4, "cpu", familiarity.DEEP_LAYER)[1]
+    assert torch.equal(both, torch.cat([early, deep], 1))
+    assert early.shape[1] == familiarity.early_width(stats) and deep.shape[1] == stats["deep"]["means"].shape[1] - 3
+    head_calls = []
+    hook = model.classifier.register_forward_hook(lambda *_: head_calls.append(1))
+    try:
+        stopped = predict_features(model, pixels, "per-image", 4, "cpu", familiarity.layers(stats))
+    finally:
+        hook.remove()
+    assert torch.equal(stopped, both) and head_calls == []
+
+
+def test_the_score_is_the_larger_of_the_two_in_the_early_units(familiar_checkpoint):
+    model, meta = load_checkpoint(familiar_checkpoint)
+    stats = meta["familiarity"]
+    deep = stats["deep"]
+    assert familiarity.valid(stats) and deep["layer"] == familiarity.DEEP_LAYER and deep["n_train"] == 120
+    assert stats["n_train"] == 120 * (familiarity.COPIES + 1)  # the early score reads the copies, the deep one not
+    pixels = torch.from_numpy(np.concatenate([steel_like_batch(range(170, 172)), far_away_image()[None]]))
+    features = predict_logits(model, pixels, "per-image", 8, "cpu", familiarity.layers(stats))[1]
+    width = familiarity.early_width(stats)
+    early = familiarity.score(familiarity.describe(features[:, :width], pixels, stats), stats)
+    deep_score = familiarity.score(familiarity.describe(features[:, width:], pixels, deep), deep)
+    expected = torch.maximum(early, deep_score * stats["cutoff"] / deep["cutoff"])
+    assert torch.allclose(familiarity.unfamiliarity(features, pixels, stats), expected)
+    # either score over its own cut-off flags the image
+    ratio = deep_score / deep["cutoff"]
+    assert ((expected > stats["cutoff"]) == ((early > stats["cutoff"]) | (ratio > 1))).all()
+    # without "deep" (a checkpoint fitted before it) the early score alone, from the early features alone
+    older = {k: v for k, v in stats.items() if k != "deep"}
+    assert torch.allclose(familiarity.unfamiliarity(features[:, :width], pixels, older), early)
+
+
+def test_damaged_deep_statistics_are_refused():
+    rng = np.random.default_rng(3)
+    early = familiarity.fit(rng.normal(size=(80, 4)), np.zeros(80, int), rng.normal(size=(20, 4)))
+    deep = familiarity.fit(rng.normal(size=(80, 6)), np.zeros(80, int), rng.normal(size=(20, 6)),
+                           layer=familiarity.DEEP_LAYER)
+    assert familiarity.valid({**early, "deep": deep})
+    assert not familiarity.valid({**early, "deep": {**deep, "precision": deep["precision"][:3]}})
+    assert not familiarity.valid({**early, "deep": {**deep, "deep": deep}})       # no deeper nesting
+    assert not familiarity.valid({**early, "deep": {**deep, "cutoff": float("nan")}})
