@@ -35,11 +35,11 @@ import dataset  # noqa: E402
 from common import (bench_parser, check, default_data_dir, load_average, machine_lines, markdown_table,  # noqa: E402
                     run_child)
 from robustness import decode_originals, perturbed_pixels  # noqa: E402
-from scratch_detector import perturb  # noqa: E402
+from scratch_detector import familiarity, perturb  # noqa: E402
 from scratch_detector.calibration import expected_calibration_error  # noqa: E402
 from scratch_detector.finetune import spread_pick  # noqa: E402
 from scratch_detector.metrics import binary_metrics, clipped_log_odds  # noqa: E402
-from scratch_detector.model import load_checkpoint, predict_probabilities  # noqa: E402
+from scratch_detector.model import load_checkpoint, predict_logits, predict_probabilities  # noqa: E402
 
 
 def new_line(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -95,20 +95,27 @@ def write_line_folder(folder: Path, samples: list) -> Path:
 
 def score(model_path: Path, sets: dict, device: str = "cpu") -> dict:
     """{set name: metrics at the checkpoint's own threshold, calibrated as infer.py runs it, with the calibration
-    error of that p(defect) ("ece")}."""
+    error of that p(defect) ("ece") and how many images its familiarity check flags ("unfamiliar", None for a
+    checkpoint without statistics): whether infer.py would warn about the new line, before and after."""
     model, meta = load_checkpoint(model_path, device)
+    stats = meta.get("familiarity")
     scores = {}
     for name, (pixels, labels) in sets.items():
-        p = predict_probabilities(model, pixels, meta["normalization"], 64, device).numpy()
+        logits, features = predict_logits(model, pixels, meta["normalization"], 64, device,
+                                          None if stats is None else familiarity.layers(stats))
+        p = logits.softmax(1)[:, 1].numpy()
+        unfamiliar = (None if stats is None else
+                      int((familiarity.unfamiliarity(features, pixels, stats) > stats["cutoff"]).sum()))
         scores[name] = {**binary_metrics(p, labels, float(meta["threshold"])),
-                        "ece": expected_calibration_error(p, labels)}
+                        "ece": expected_calibration_error(p, labels), "unfamiliar": unfamiliar}
     return scores
 
 
 def cells(m: dict) -> list[str]:
     matrix = m["confusion_matrix"]
     return [f"{m['accuracy']:.4f}", f"{m['recall']:.4f} ({matrix['tp']}/{matrix['tp'] + matrix['fn']})",
-            str(matrix["fp"]), f"{m['ece']:.4f}"]
+            str(matrix["fp"]), f"{m['ece']:.4f}",
+            "-" if m["unfamiliar"] is None else f"{m['unfamiliar']} / {m['n_images']}"]
 
 
 def parse_args(argv=None):
@@ -168,8 +175,9 @@ def main(argv=None) -> int:
                   f"{cells(tuned['clean NEU'])}", flush=True)
     print(f"\n## New line ({NEW_LINE}), {args.split} split: shipped and fine-tuned\n")
     print(markdown_table(["model", "labelled images", "new line accuracy", "new line recall", "new line false alarms",
-                          "new line ECE", "clean NEU accuracy", "clean NEU recall", "clean NEU false alarms",
-                          "clean NEU ECE", "fine-tune wall s (whole train.py)"], rows))
+                          "new line ECE", "new line unfamiliar", "clean NEU accuracy", "clean NEU recall",
+                          "clean NEU false alarms", "clean NEU ECE", "clean NEU unfamiliar",
+                          "fine-tune wall s (whole train.py)"], rows))
     print(f"\ntrain.py arguments added: {' '.join(args.train_args) or 'none'}; load average at the end "
           f"{load_average()}")
     return 0
