@@ -1,0 +1,39 @@
+"""bench/new_line.py's scoring: each model's familiarity flags, counted as infer.py would flag them, beside its
+verdicts; a checkpoint without statistics has none to count."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from conftest import ROOT, steel_like_batch
+
+sys.path.insert(0, str(ROOT / "bench"))
+import new_line  # noqa: E402  (bench/new_line.py)
+from scratch_detector import familiarity  # noqa: E402
+from scratch_detector.model import load_checkpoint, predict_logits  # noqa: E402
+
+
+def far_away(n: int) -> np.ndarray:
+    y, x = np.mgrid[:64, :64]
+    image = np.stack([np.where(x > y, 255, 0), (x // 16 % 2) * 255, (y // 16 % 2) * 255], -1).astype(np.uint8)
+    return np.repeat(image[None], n, 0)
+
+
+def test_the_unfamiliar_count_is_what_the_checkpoint_flags(familiar_checkpoint, tiny_checkpoint):
+    steel = torch.from_numpy(steel_like_batch(range(180, 183)))
+    mixed = torch.cat([steel, torch.from_numpy(far_away(2))])
+    labels = np.tile([0, 1], 4)[:len(mixed)]
+    sets = {"steel": (steel, labels[:len(steel)]), "mixed": (mixed, labels)}
+    scored = new_line.score(familiar_checkpoint, sets)
+    model, meta = load_checkpoint(familiar_checkpoint)
+    stats = meta["familiarity"]
+    for name, (pixels, _) in sets.items():
+        features = predict_logits(model, pixels, "per-image", 8, "cpu", familiarity.layers(stats))[1]
+        expected = int((familiarity.unfamiliarity(features, pixels, stats) > stats["cutoff"]).sum())
+        assert scored[name]["unfamiliar"] == expected
+    assert scored["mixed"]["unfamiliar"] >= scored["steel"]["unfamiliar"] + 2   # both far-away images flagged
+    assert new_line.cells(scored["mixed"])[-1] == f"{scored['mixed']['unfamiliar']} / {len(mixed)}"
+    without = new_line.score(tiny_checkpoint, {"steel": sets["steel"]})
+    assert without["steel"]["unfamiliar"] is None and new_line.cells(without["steel"])[-1] == "-"
