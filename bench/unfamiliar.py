@@ -586,8 +586,9 @@ def unit_scores(model, meta: dict, stats: dict, fitted: dict, pixels: torch.Tens
     nearest = nearest_score(described @ fitted["nearest"]["whiten"], fitted["nearest"])
     early_score = familiarity.score(described, stats)
     either = torch.maximum(early_score / float(stats["cutoff"]), nearest / fitted["nearest"]["cutoff"])
-    deep = familiarity.unfamiliarity(predict_features(model, pixels, meta["normalization"], 64, device, DEEP_LAYER),
-                                     pixels, fitted["deep_clean"])
+    deep_features = (features[:, familiarity.early_width(stats):] if "deep" in stats else  # read in the same pass
+                     predict_features(model, pixels, meta["normalization"], 64, device, DEEP_LAYER))
+    deep = familiarity.unfamiliarity(deep_features, pixels, fitted["deep_clean"])
     either_deep = torch.maximum(early_score / float(stats["cutoff"]), deep / fitted["deep_clean"]["cutoff"])
     return {"shipped": familiarity.unfamiliarity(features, pixels, stats).numpy(), "early": early_score.numpy(),
             "nearest": nearest.numpy(), "either": either.numpy(),
