@@ -202,17 +202,29 @@ def with_copies(pixels: torch.Tensor, generator: torch.Generator, copies: int = 
         yield augment(pixels, generator, COPY_AUGMENTATION)
 
 
-def copy_features(features_of: Callable[[torch.Tensor], torch.Tensor], train_pixels: torch.Tensor,
-                  val_pixels: torch.Tensor, seed: int = 0) -> dict:
+def copy_features(features_of: Callable[..., torch.Tensor], train_pixels: torch.Tensor, val_pixels: torch.Tensor,
+                  seed: int = 0, deep: bool = False) -> dict:
     """The training and validation images and their COPIES copies, as fit_model() draws them (one generator,
     the training images' copies first) -> {"train": (features at LAYER, pixel statistics), "val": (...)}, the
-    rows in the order of with_copies()."""
+    rows in the order of with_copies(). deep=True: also {"deep": {"train": features at DEEP_LAYER of the images
+    alone, "val": ...}}, read in the same pass as their features at LAYER (features_of(pixels, layers) gives the
+    layers side by side), so the deep score costs one pass instead of two."""
     generator = torch.Generator().manual_seed(seed)
+    deep_features = {}
 
-    def described(pixels):
-        copies = list(with_copies(pixels, generator))
-        return torch.cat([features_of(p) for p in copies]), torch.cat([pixel_statistics(p) for p in copies])
-    return {"train": described(train_pixels), "val": described(val_pixels)}
+    def described(part, pixels):
+        images, *copies = list(with_copies(pixels, generator))
+        early = [features_of(p) for p in copies]
+        if deep:
+            both = features_of(images, (LAYER, DEEP_LAYER))
+            width = early[0].shape[1] if early else features_of(images[:1]).shape[1]
+            early.insert(0, both[:, :width])
+            deep_features[part] = both[:, width:]
+        else:
+            early.insert(0, features_of(images))
+        return torch.cat(early), torch.cat([pixel_statistics(p) for p in (images, *copies)])
+    described_parts = {"train": described("train", train_pixels), "val": described("val", val_pixels)}
+    return described_parts | ({"deep": deep_features} if deep else {})
 
 
 def fit_copies(copies: dict, train_classes, with_pixels: bool = True, layer: str = LAYER) -> dict:
@@ -229,17 +241,16 @@ def fit_copies(copies: dict, train_classes, with_pixels: bool = True, layer: str
                pixel_center=center, pixel_scale=scale)
 
 
-def fit_model(features_of: Callable[[torch.Tensor], torch.Tensor], train_pixels: torch.Tensor, train_classes,
-              val_pixels: torch.Tensor, seed: int = 0, with_pixels: bool = True,
-              deep_features_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+def fit_model(features_of: Callable[..., torch.Tensor], train_pixels: torch.Tensor, train_classes,
+              val_pixels: torch.Tensor, seed: int = 0, with_pixels: bool = True, deep: bool = False) -> dict:
     """fit_copies() on the features (features_of: uint8 pixels -> (N, C) features at LAYER) and pixel statistics of
-    the training images and their copies, with the cut-off from the validation images and their copies. With
-    deep_features_of (the same at DEEP_LAYER), the deep score under "deep": fitted on the clean training images
-    alone, its cut-off from the clean validation images (fit_clean)."""
-    copies = copy_features(features_of, train_pixels, val_pixels, seed)
+    the training images and their copies, with the cut-off from the validation images and their copies. deep=True
+    (features_of(pixels, layers) then gives several layers side by side): the deep score under "deep" too,
+    fitted on the clean training images alone, its cut-off from the clean validation images (fit_clean)."""
+    copies = copy_features(features_of, train_pixels, val_pixels, seed, deep)
     stats = fit_copies(copies, train_classes, with_pixels)
-    if deep_features_of is not None:
-        stats["deep"] = fit_clean({part: (deep_features_of(pixels), copies[part][1][:len(pixels)])
+    if deep:
+        stats["deep"] = fit_clean({part: (copies["deep"][part], copies[part][1][:len(pixels)])
                                    for part, pixels in (("train", train_pixels), ("val", val_pixels))},
                                   train_classes, with_pixels)
     return stats

@@ -29,6 +29,5 @@ def fit_after_training(model, train_pixels: torch.Tensor, train_classes, val_pix
     threshold = choose_threshold(val_probabilities, val_labels)
     return {"temperature": temperature, "threshold": threshold, "val_probabilities": val_probabilities,
             "val_metrics": binary_metrics(val_probabilities, val_labels, threshold),
-            "familiarity": familiarity.fit_model(
-                features_of, train_pixels, train_classes, val_pixels, seed,
-                deep_features_of=lambda pixels: features_of(pixels, familiarity.DEEP_LAYER))}
+            "familiarity": familiarity.fit_model(features_of, train_pixels, train_classes, val_pixels, seed,
+                                                 deep=True)}

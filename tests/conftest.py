@@ -169,7 +169,7 @@ def familiar_checkpoint(tmp_path_factory):
         return predict_features(net, pixels, "per-image", 16, "cpu", layer)
     stats = familiarity.fit_model(features_of, torch.from_numpy(steel_like_batch(range(60))),
                                   np.tile(["plain", "scratch"], 60), torch.from_numpy(steel_like_batch(range(60, 100))),
-                                  deep_features_of=lambda pixels: features_of(pixels, familiarity.DEEP_LAYER))
+                                  deep=True)
     path = tmp_path_factory.mktemp("familiar") / "familiar.pth"
     save_checkpoint(path, net, {"image_size": 64, "normalization": "per-image", "threshold": 0.5, "pretrained": init,
                                 "temperature": 0.5, "familiarity": stats})

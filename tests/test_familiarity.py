@@ -340,3 +340,22 @@ def test_damaged_deep_statistics_are_refused():
     assert not familiarity.valid({**early, "deep": {**deep, "precision": deep["precision"][:3]}})
     assert not familiarity.valid({**early, "deep": {**deep, "deep": deep}})       # no deeper nesting
     assert not familiarity.valid({**early, "deep": {**deep, "cutoff": float("nan")}})
+
+
+def test_one_pass_reads_both_layers_and_fits_what_two_passes_fit(familiar_checkpoint):
+    """fit_model(deep=True) reads the clean images' early and deep features in one pass; the statistics must be
+    those of separate passes (each stopped at its layer), number for number."""
+    model, _ = load_checkpoint(familiar_checkpoint)
+
+    def features_of(pixels, layers=familiarity.LAYER):
+        return predict_features(model, pixels, "per-image", 16, "cpu", layers)
+    train, val = torch.from_numpy(steel_like_batch(range(20))), torch.from_numpy(steel_like_batch(range(20, 30)))
+    classes = np.tile(["plain", "scratch"], 20)
+    stats = familiarity.fit_model(features_of, train, classes, val, deep=True)
+    early_only = familiarity.fit_model(features_of, train, classes, val)
+    separate = familiarity.fit_clean({part: (features_of(pixels, familiarity.DEEP_LAYER),
+                                             familiarity.pixel_statistics(pixels))
+                                      for part, pixels in (("train", train), ("val", val))}, classes)
+    for key in ("means", "precision", "pixel_center", "pixel_scale"):
+        assert torch.equal(stats[key], early_only[key]) and torch.equal(stats["deep"][key], separate[key])
+    assert stats["cutoff"] == early_only["cutoff"] and stats["deep"]["cutoff"] == separate["cutoff"]
