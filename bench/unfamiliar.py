@@ -20,9 +20,9 @@ images; "either" flags an image over either cut-off):
      non-steel. The non-steel set (NON_STEEL below) is the pictures that ship inside scikit-image and
      matplotlib (each named with its source) and synthetic images made here (noise, flat grey, gradients,
      text, checkerboards ...); five held-out sets (NON_STEEL_HELD_OUT, NON_STEEL_SECOND, NON_STEEL_THIRD,
-     fourth_set(), fifth_set()) were each assembled and committed before anything was scored on them. Each image goes through infer.py's
-     own decoding: one larger than a NEU tile is tiled, and is unfamiliar when most of its tiles are (the
-     median tile score);
+     fourth_set(), fifth_set()) were each assembled and committed before anything was scored on them. Each
+     image goes through infer.py's own decoding: one larger than a NEU tile is tiled, and is unfamiliar when
+     most of its tiles are (the median tile score);
   3. the share of NEU test images flagged under each camera change of bench/robustness.py, beside that row's
      accuracy and recall;
   4. the early score (features.3) at other cut-offs (validation quantiles 0.95 to 1): whether a lower cut-off
@@ -239,7 +239,10 @@ def _pywt_photo(name: str, what: str):
 def _dicom(file: str, what: str):
     def load():
         import pydicom
-        return _scaled(pydicom.dcmread(Path(pydicom.__file__).parent / "data" / "test_files" / file).pixel_array)
+        pixels = _dicom_pixels(Path(pydicom.__file__).parent / "data" / "test_files" / file)
+        if pixels is None:
+            raise RuntimeError(f"pydicom cannot decode {file}")
+        return pixels
     return f"pydicom data/test_files/{file}: {what}, scaled to 0-255 (shipped in the wheel)", load
 
 
@@ -411,7 +414,8 @@ def _gimp_pattern(path: Path):
         pattern = read_gimp_pattern(path)
         reps = (-(-FOURTH_SIDE // pattern.shape[0]), -(-FOURTH_SIDE // pattern.shape[1])) + (1,) * (pattern.ndim - 2)
         return np.tile(pattern, reps)[:FOURTH_SIDE, :FOURTH_SIDE]
-    return f"GIMP pattern {path.relative_to(GIMP_PATTERNS)} (Debian gimp-data), tiled to {FOURTH_SIDE} x {FOURTH_SIDE}", load
+    return (f"GIMP pattern {path.relative_to(GIMP_PATTERNS)} (Debian gimp-data), tiled to {FOURTH_SIDE} x "
+            f"{FOURTH_SIDE}", load)
 
 
 def _wallpaper(path: Path):
@@ -657,6 +661,12 @@ def main(argv=None) -> int:
     # the training and validation images and their copies, as train.py fits the familiarity statistics on them:
     # computed once, for the refit and the candidates fitted here
     copies = familiarity.copy_features(features_of, pixels["train"], pixels["val"], seed)
+
+    def deep_clean() -> dict:
+        """The deep score's statistics as train.py fits them: features.7 and pixel statistics of the clean images."""
+        return familiarity.fit_clean({part: (predict_features(model, pixels[part], meta["normalization"], 64, device,
+                                                              DEEP_LAYER), copies[part][1][:len(pixels[part])])
+                                      for part in ("train", "val")}, train_classes)
     if stats is None:  # an older checkpoint: fit what train.py now fits, from its own splits, as train.py does
         fitted = fit_after_training(model, pixels["train"], train_classes, pixels["val"], labels["val"],
                                     meta["normalization"], 64, device, seed)
@@ -667,16 +677,14 @@ def main(argv=None) -> int:
                      "calibrated p are fitted here from its own training and validation splits, as train.py fits "
                      "them")
     elif args.refit:
-        stats = familiarity.fit_copies(copies, train_classes)
+        stats = familiarity.fit_copies(copies, train_classes) | {"deep": deep_clean()}
         notes.append("--refit: the familiarity statistics are fitted here with the current code, from the "
                      "checkpoint's own training and validation splits, as train.py fits them")
     fitted = {"pooled_1280": familiarity.fit(pooled_features(model, meta, pixels["train"], device), train_classes,
                                              pooled_features(model, meta, pixels["val"], device), layer=POOLED),
               "features_only": familiarity.fit_copies(copies, train_classes, with_pixels=False),
               "nearest": fit_nearest(copies, stats), "clean_only": fit_early_clean(copies, train_classes),
-              "deep_clean": familiarity.fit_clean(
-                  {part: (predict_features(model, pixels[part], meta["normalization"], 64, device, DEEP_LAYER),
-                          familiarity.pixel_statistics(pixels[part])) for part in ("train", "val")}, train_classes)}
+              "deep_clean": stats["deep"] if "deep" in stats else deep_clean()}  # the checkpoint's, when it has one
     scores = {name: unit_scores(model, meta, stats, fitted, pixels[name], device) for name in ("val", "test")}
     cutoffs = {c: float(np.quantile(scores["val"][c], stats["quantile"])) for c in CANDIDATES}
     cutoffs.update(shipped=float(stats["cutoff"]), early=float(stats["cutoff"]),
