@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, bench_parser, default_data_dir, machine_lines, markdown_table
+from common import ROOT, default_data_dir, kept_folds, kept_folds_parser, machine_lines, markdown_table
 from threshold_rules import stratified_half
 
 sys.path.insert(0, str(ROOT))
@@ -77,19 +77,12 @@ def cross_fitted(folds: list[dict], repeats: int, seed: int = 0) -> dict:
 
 
 def parse_args(argv=None):
-    p = bench_parser(__doc__, model=False)
-    p.add_argument("--folds", type=Path, required=True, help="the folder that bench/crossval.py --keep wrote")
-    p.add_argument("--repeats", type=int, default=20, help="random halvings (default: %(default)s)")
-    return p.parse_args(argv)
+    return kept_folds_parser(__doc__).parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    checkpoints = sorted(args.folds.glob("fold*/model.pth"))
-    if not checkpoints:
-        raise SystemExit(f"error: no fold*/model.pth in {args.folds} (write them with bench/crossval.py --keep)")
-    data_dir = default_data_dir(args.data_dir)
-    folds = [fold_logits(c, data_dir) for c in checkpoints]
+    folds = [fold_logits(checkpoint, default_data_dir(args.data_dir)) for checkpoint in kept_folds(args.folds)]
     crossed = cross_fitted(folds, args.repeats)
     halves = np.median(np.asarray(crossed["per_fold"]), 0)
     print("\n".join(f"- {line}" for line in machine_lines()))

@@ -134,6 +134,22 @@ def bench_parser(doc: str, model: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def kept_folds_parser(doc: str) -> argparse.ArgumentParser:
+    """The benches that score the models bench/crossval.py --keep wrote, by random halvings of each held-out fold."""
+    p = bench_parser(doc, model=False)
+    p.add_argument("--folds", type=Path, required=True, help="the folder that bench/crossval.py --keep wrote")
+    p.add_argument("--repeats", type=int, default=20, help="random halvings to average over (default: %(default)s)")
+    return p
+
+
+def kept_folds(folder: Path) -> list[Path]:
+    """The fold checkpoints bench/crossval.py --keep wrote, in fold order; exits with a hint when there are none."""
+    checkpoints = sorted(Path(folder).glob("fold*/model.pth"))
+    if not checkpoints:
+        raise SystemExit(f"error: no fold*/model.pth in {folder} (write them with bench/crossval.py --keep)")
+    return checkpoints
+
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}  # as dataset.py, without importing torch here
 
 

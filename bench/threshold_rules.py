@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, bench_parser, default_data_dir, machine_lines, markdown_table
+from common import ROOT, default_data_dir, kept_folds, kept_folds_parser, machine_lines, markdown_table
 from robustness import (MAGNIFICATIONS, PERTURBATIONS, changed_probabilities, decode_originals, perturbed_pixels,
                         scratches_in_view)
 
@@ -116,17 +116,12 @@ def cross_fitted(folds: list[dict], rules: dict, repeats: int, seed: int = 0) ->
 
 
 def parse_args(argv=None):
-    p = bench_parser(__doc__, model=False)
-    p.add_argument("--folds", type=Path, required=True, help="the folder that bench/crossval.py --keep wrote")
-    p.add_argument("--repeats", type=int, default=20, help="random halvings to average over (default: %(default)s)")
-    return p.parse_args(argv)
+    return kept_folds_parser(__doc__).parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    checkpoints = sorted(args.folds.glob("fold*/model.pth"))
-    if not checkpoints:
-        raise SystemExit(f"error: no fold*/model.pth in {args.folds} (write them with bench/crossval.py --keep)")
+    checkpoints = kept_folds(args.folds)
     data_dir = default_data_dir(args.data_dir)
     annotations = find_annotations(data_dir)
     folds = [fold_scores(c, data_dir, annotations, seed=index) for index, c in enumerate(checkpoints)]
