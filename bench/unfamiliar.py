@@ -655,18 +655,14 @@ def main(argv=None) -> int:
     labels = {name: dataset.labels_of(items) for name, items in split.items()}
 
     stats, notes = meta.get("familiarity"), []
-    def features_of(pixels_):
-        return predict_features(model, pixels_, meta["normalization"], 64, device, familiarity.LAYER)
+    def features_of(pixels_, layers=familiarity.LAYER):
+        return predict_features(model, pixels_, meta["normalization"], 64, device, layers)
     train_classes, seed = [s.neu_class for s in split["train"]], int(meta.get("seed") or 0)
     # the training and validation images and their copies, as train.py fits the familiarity statistics on them:
-    # computed once, for the refit and the candidates fitted here
-    copies = familiarity.copy_features(features_of, pixels["train"], pixels["val"], seed)
-
-    def deep_clean() -> dict:
-        """The deep score's statistics as train.py fits them: features.7 and pixel statistics of the clean images."""
-        return familiarity.fit_clean({part: (predict_features(model, pixels[part], meta["normalization"], 64, device,
-                                                              DEEP_LAYER), copies[part][1][:len(pixels[part])])
-                                      for part in ("train", "val")}, train_classes)
+    # computed once, for the refit and the candidates fitted here; with the deep block's features of the images in
+    # the same pass when the deep score is fitted here (--refit, or a checkpoint that has none)
+    fit_deep_here = args.refit or (stats is not None and "deep" not in stats)
+    copies = familiarity.copy_features(features_of, pixels["train"], pixels["val"], seed, deep=fit_deep_here)
     if stats is None:  # an older checkpoint: fit what train.py now fits, from its own splits, as train.py does
         fitted = fit_after_training(model, pixels["train"], train_classes, pixels["val"], labels["val"],
                                     meta["normalization"], 64, device, seed)
@@ -677,14 +673,14 @@ def main(argv=None) -> int:
                      "calibrated p are fitted here from its own training and validation splits, as train.py fits "
                      "them")
     elif args.refit:
-        stats = familiarity.fit_copies(copies, train_classes) | {"deep": deep_clean()}
+        stats = familiarity.fit_from_copies(copies, train_classes)
         notes.append("--refit: the familiarity statistics are fitted here with the current code, from the "
                      "checkpoint's own training and validation splits, as train.py fits them")
     fitted = {"pooled_1280": familiarity.fit(pooled_features(model, meta, pixels["train"], device), train_classes,
                                              pooled_features(model, meta, pixels["val"], device), layer=POOLED),
               "features_only": familiarity.fit_copies(copies, train_classes, with_pixels=False),
               "nearest": fit_nearest(copies, stats), "clean_only": fit_early_clean(copies, train_classes),
-              "deep_clean": stats["deep"] if "deep" in stats else deep_clean()}  # the checkpoint's, when it has one
+              "deep_clean": stats["deep"] if "deep" in stats else familiarity.fit_deep(copies, train_classes)}
     scores = {name: unit_scores(model, meta, stats, fitted, pixels[name], device) for name in ("val", "test")}
     cutoffs = {c: float(np.quantile(scores["val"][c], stats["quantile"])) for c in CANDIDATES}
     cutoffs.update(shipped=float(stats["cutoff"]), early=float(stats["cutoff"]),

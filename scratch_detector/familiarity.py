@@ -243,22 +243,27 @@ def fit_copies(copies: dict, train_classes, with_pixels: bool = True, layer: str
 
 def fit_model(features_of: Callable[..., torch.Tensor], train_pixels: torch.Tensor, train_classes,
               val_pixels: torch.Tensor, seed: int = 0, with_pixels: bool = True, deep: bool = False) -> dict:
-    """fit_copies() on the features (features_of: uint8 pixels -> (N, C) features at LAYER) and pixel statistics of
-    the training images and their copies, with the cut-off from the validation images and their copies. deep=True
-    (features_of(pixels, layers) then gives several layers side by side): the deep score under "deep" too,
-    fitted on the clean training images alone, its cut-off from the clean validation images (fit_clean)."""
-    copies = copy_features(features_of, train_pixels, val_pixels, seed, deep)
+    """fit_from_copies() on the features (features_of: uint8 pixels -> (N, C) features at LAYER) and pixel
+    statistics of the training images and their copies, with the cut-off from the validation images and their
+    copies. deep=True (features_of(pixels, layers) then gives several layers side by side): the deep score too."""
+    return fit_from_copies(copy_features(features_of, train_pixels, val_pixels, seed, deep), train_classes,
+                           with_pixels)
+
+
+def fit_from_copies(copies: dict, train_classes, with_pixels: bool = True) -> dict:
+    """The statistics train.py stores, from copy_features()'s output: the early score (fit_copies), and the deep
+    score under "deep" when the copies hold deep features (fit_deep)."""
     stats = fit_copies(copies, train_classes, with_pixels)
-    if deep:
-        stats["deep"] = fit_clean({part: (copies["deep"][part], copies[part][1][:len(pixels)])
-                                   for part, pixels in (("train", train_pixels), ("val", val_pixels))},
-                                  train_classes, with_pixels)
+    if "deep" in copies:
+        stats["deep"] = fit_deep(copies, train_classes, with_pixels)
     return stats
 
 
-def fit_clean(clean: dict, train_classes, with_pixels: bool = True) -> dict:
-    """The deep score's statistics: {"train": (features at DEEP_LAYER, pixel statistics), "val": (...)} of the clean
-    images (no copies) -> fit_copies() at DEEP_LAYER."""
+def fit_deep(copies: dict, train_classes, with_pixels: bool = True) -> dict:
+    """The deep score's statistics, from copy_features(deep=True)'s output: the features at DEEP_LAYER and the pixel
+    statistics of the clean training images alone (no copies: the first rows of each part), the cut-off from the
+    clean validation images -> fit_copies() at DEEP_LAYER."""
+    clean = {part: (features, copies[part][1][:len(features)]) for part, features in copies["deep"].items()}
     return fit_copies(clean, train_classes, with_pixels, layer=DEEP_LAYER)
 
 

@@ -353,9 +353,10 @@ def test_one_pass_reads_both_layers_and_fits_what_two_passes_fit(familiar_checkp
     classes = np.tile(["plain", "scratch"], 20)
     stats = familiarity.fit_model(features_of, train, classes, val, deep=True)
     early_only = familiarity.fit_model(features_of, train, classes, val)
-    separate = familiarity.fit_clean({part: (features_of(pixels, familiarity.DEEP_LAYER),
-                                             familiarity.pixel_statistics(pixels))
-                                      for part, pixels in (("train", train), ("val", val))}, classes)
+    parts = (("train", train), ("val", val))
+    deep = {part: features_of(pixels, familiarity.DEEP_LAYER) for part, pixels in parts}
+    separate = familiarity.fit_deep({"deep": deep, **{part: (None, familiarity.pixel_statistics(pixels))
+                                                     for part, pixels in parts}}, classes)
     for key in ("means", "precision", "pixel_center", "pixel_scale"):
         assert torch.equal(stats[key], early_only[key]) and torch.equal(stats["deep"][key], separate[key])
     assert stats["cutoff"] == early_only["cutoff"] and stats["deep"]["cutoff"] == separate["cutoff"]
