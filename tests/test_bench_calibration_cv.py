@@ -31,7 +31,8 @@ def test_each_image_is_calibrated_by_a_temperature_fitted_without_it(monkeypatch
     fitted, scored = [], []
     real_fit, real_p = calibration_cv.fit_temperature, calibration_cv.p_defect
     monkeypatch.setattr(calibration_cv, "fit_temperature",
-                        lambda logits, labels: fitted.append(set(logits[:, 1].tolist())) or real_fit(logits, labels))
+                        lambda logits, labels, *rule: fitted.append(set(logits[:, 1].tolist()))
+                        or real_fit(logits, labels, *rule))
     monkeypatch.setattr(calibration_cv, "p_defect",
                         lambda logits, t: scored.append(set(logits[:, 1].tolist())) or real_p(logits, t))
     result = calibration_cv.cross_fitted(folds, repeats=2)

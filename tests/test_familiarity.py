@@ -14,7 +14,7 @@ from conftest import run_script, save_image, steel_like_batch
 
 import dataset
 from scratch_detector import familiarity
-from scratch_detector.calibration import (apply_temperature, ece_if_calibrated, ece_interval,
+from scratch_detector.calibration import (PSEUDO_COUNT, apply_temperature, ece_if_calibrated, ece_interval,
                                           expected_calibration_error, fit_temperature, reliability_table)
 from scratch_detector.model import load_checkpoint, predict_features, predict_logits
 
@@ -157,16 +157,21 @@ def test_fit_temperature_recovers_the_overconfidence_of_known_logits():
 
 
 def test_a_perfectly_separated_validation_split_does_not_drive_p_to_zero_and_one():
-    """Platt's targets: with 38 scratches and 190 others all on the right side, p(defect) of a scratch settles
-    near 39/40, not at 1 (the plain likelihood would take T to its lower bound)."""
+    """Smoothed targets: with 38 scratches and 190 others all on the right side, p(defect) of a scratch settles
+    near (38 + a) / (38 + 2a), not at 1 (the plain likelihood would take T to its lower bound); Platt's a = 1
+    softens more than the default a = 0.5."""
     rng = np.random.default_rng(3)
     z = np.r_[rng.normal(6, 1.5, 38), rng.normal(-6, 1.5, 190)]
     labels = np.r_[np.ones(38), np.zeros(190)]
     logits = torch.tensor(np.stack([np.zeros_like(z), z], 1))
-    temperature = fit_temperature(logits, labels)
-    assert temperature > 1.0  # these logits are surer than 228 images can show: T softens them
-    p = (logits / temperature).softmax(1)[:, 1].numpy()
-    assert p[:38].mean() == pytest.approx(39 / 40, abs=0.02) and p[38:].mean() == pytest.approx(1 / 192, abs=0.01)
+    for a in (PSEUDO_COUNT, 1.0):
+        temperature = fit_temperature(logits, labels, a)
+        assert temperature > 0.5  # far from T_MIN: p(defect) is not driven to 0 and 1
+        p = (logits / temperature).softmax(1)[:, 1].numpy()
+        assert p[:38].mean() == pytest.approx((38 + a) / (38 + 2 * a), abs=0.02)
+        assert p[38:].mean() == pytest.approx(a / (190 + 2 * a), abs=0.01)
+    assert fit_temperature(logits, labels) == fit_temperature(logits, labels, PSEUDO_COUNT)
+    assert fit_temperature(logits, labels, 1.0) > fit_temperature(logits, labels, 0.5)
 
 
 def test_expected_calibration_error_by_hand():
