@@ -7,7 +7,8 @@ its own validation and test splits, clean and under bench/robustness.py's camera
 
 Each run is `python train.py --seed S [args after --]` as a whole child process, writing into a temp folder
 (the committed model_binary.pth and test_images/ are never touched). The table gives, per seed, validation and
-test accuracy, scratch recall and false alarms at the checkpoint's threshold, and the worst accuracy and recall
+test accuracy, scratch recall and false alarms at the checkpoint's threshold, the test split's calibration error
+(ECE of p(defect) at the checkpoint's temperature, as evaluate.py), and the worst accuracy and recall
 over the eight camera changes on its test split (the recall also with magnified scratches counted only when they
 keep at least half their box in view, bench/robustness.py's rule); then the mean and the worst seed.
 """
@@ -45,6 +46,7 @@ def score(checkpoint: Path, data_dir: Path, robustness: bool) -> dict:
     """Clean val and test metrics of one checkpoint, and its camera-change rows on the test split."""
     import dataset
     from scratch_detector.evaluation import select_samples
+    from scratch_detector.calibration import expected_calibration_error
     from scratch_detector.metrics import binary_metrics, find_annotations
     from scratch_detector.model import load_checkpoint, pick_device, predict_probabilities
 
@@ -59,6 +61,7 @@ def score(checkpoint: Path, data_dir: Path, robustness: bool) -> dict:
         m = binary_metrics(probabilities.numpy(), dataset.labels_of(samples), float(meta["threshold"]))
         result[split] = dict(accuracy=m["accuracy"], recall=m["recall"], false_alarms=m["confusion_matrix"]["fp"],
                              misses=m["confusion_matrix"]["fn"], n=m["n_images"],
+                             ece=expected_calibration_error(probabilities.numpy(), dataset.labels_of(samples)),
                              wrong=[s.relpath for s, p in zip(samples, probabilities.tolist())
                                     if (p >= meta["threshold"]) != bool(s.label)])
         if split == "test" and robustness:
@@ -98,6 +101,7 @@ def main(argv=None) -> int:
         ("test accuracy", lambda r: r["test"]["accuracy"], True, "{:.4f}"),
         ("test recall", lambda r: r["test"]["recall"], True, "{:.4f}"),
         ("test false alarms", lambda r: r["test"]["false_alarms"], False, "{:.3g}"),
+        ("test ECE", lambda r: r["test"]["ece"], False, "{:.4f}"),
         ("train wall s", lambda r: r["train_wall_s"], False, "{:.0f}"),
     ]
     if args.robustness:
