@@ -106,18 +106,17 @@ def main(argv=None) -> int:
     print(f"- {len(folds)} folds from {args.folds}; test split {len(folds[0]['test_labels'])} images, "
           f"{int(folds[0]['test_labels'].sum())} scratches; {args.repeats} halvings; the rule's pseudo-count "
           f"{PSEUDO_COUNT:g}\n")
-    rows, test_p, test_y = [], [], []
+    rows, test_p, test_y, test_ece = [], [], [], []
     for index, fold in enumerate(folds):
         held_out = expected_calibration_error(p_defect(fold["logits"], fold["temperature"]), fold["labels"])
-        p = p_defect(fold["test_logits"], fold["temperature"])
-        test_p.append(p), test_y.append(fold["test_labels"])
+        def test_split_ece(temperature: float) -> float:
+            return expected_calibration_error(p_defect(fold["test_logits"], temperature), fold["test_labels"])
+        test_p.append(p_defect(fold["test_logits"], fold["temperature"])), test_y.append(fold["test_labels"])
+        test_ece.append(expected_calibration_error(test_p[-1], fold["test_labels"]))
         rows.append([str(index), f"{len(fold['labels'])} ({int(fold['labels'].sum())})",
                      f"{fold['temperature']:.3f} (stored {fold['stored_temperature']:.3f})",
-                     f"{held_out:.4f}", f"**{expected_calibration_error(p, fold['test_labels']):.4f}**",
-                     f"{expected_calibration_error(p_defect(fold['test_logits'], fold['stored_temperature']), fold['test_labels']):.4f}",
-                     f"{expected_calibration_error(p_defect(fold['test_logits'], 1.0), fold['test_labels']):.4f}",
-                     f"{halves[index]:.4f}"])
-    test_ece = [expected_calibration_error(p, y) for p, y in zip(test_p, test_y)]
+                     f"{held_out:.4f}", f"**{test_ece[-1]:.4f}**", f"{test_split_ece(fold['stored_temperature']):.4f}",
+                     f"{test_split_ece(1.0):.4f}", f"{halves[index]:.4f}"])
     in_sample = np.concatenate([p_defect(f["logits"], f["temperature"]) for f in folds])
     rows.append(["all", f"{len(crossed['labels'])} ({int(crossed['labels'].sum())})", "",
                  f"{expected_calibration_error(in_sample, crossed['labels']):.4f}", f"median {np.median(test_ece):.4f}; {sum(e > TARGET for e in test_ece)} of {len(folds)} over {TARGET}",

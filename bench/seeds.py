@@ -58,12 +58,13 @@ def score(checkpoint: Path, data_dir: Path, robustness: bool) -> dict:
         pixels = dataset.load_pixels(samples, int(meta["image_size"]), progress=False)
         import torch
         probabilities = predict_probabilities(model, torch.from_numpy(pixels), meta["normalization"], 64, device)
-        m = binary_metrics(probabilities.numpy(), dataset.labels_of(samples), float(meta["threshold"]))
+        p, labels = probabilities.numpy(), dataset.labels_of(samples)
+        m = binary_metrics(p, labels, float(meta["threshold"]))
         result[split] = dict(accuracy=m["accuracy"], recall=m["recall"], false_alarms=m["confusion_matrix"]["fp"],
                              misses=m["confusion_matrix"]["fn"], n=m["n_images"],
-                             ece=expected_calibration_error(probabilities.numpy(), dataset.labels_of(samples)),
-                             wrong=[s.relpath for s, p in zip(samples, probabilities.tolist())
-                                    if (p >= meta["threshold"]) != bool(s.label)])
+                             ece=expected_calibration_error(p, labels),
+                             wrong=[s.relpath for s, value in zip(samples, p.tolist())
+                                    if (value >= meta["threshold"]) != bool(s.label)])
         if split == "test" and robustness:
             result["robustness"] = robustness_rows(model, meta, samples, device, progress=False,
                                                    annotations=find_annotations(data_dir))
