@@ -58,6 +58,11 @@ def p_defect(logits: torch.Tensor, temperature: float) -> np.ndarray:
     return (logits / temperature).softmax(1)[:, 1].numpy()
 
 
+def ece_on_test_split(fold: dict, temperature: float) -> float:
+    """The calibration error of one fold's model on the test split, at this temperature."""
+    return expected_calibration_error(p_defect(fold["test_logits"], temperature), fold["test_labels"])
+
+
 def log_loss(probabilities, labels) -> float:
     """Mean negative log-likelihood of the true label under p(defect)."""
     p = np.clip(np.asarray(probabilities, np.float64), 1e-12, 1 - 1e-12)
@@ -109,14 +114,13 @@ def main(argv=None) -> int:
     rows, test_p, test_y, test_ece = [], [], [], []
     for index, fold in enumerate(folds):
         held_out = expected_calibration_error(p_defect(fold["logits"], fold["temperature"]), fold["labels"])
-        def test_split_ece(temperature: float) -> float:
-            return expected_calibration_error(p_defect(fold["test_logits"], temperature), fold["test_labels"])
         test_p.append(p_defect(fold["test_logits"], fold["temperature"])), test_y.append(fold["test_labels"])
         test_ece.append(expected_calibration_error(test_p[-1], fold["test_labels"]))
         rows.append([str(index), f"{len(fold['labels'])} ({int(fold['labels'].sum())})",
                      f"{fold['temperature']:.3f} (stored {fold['stored_temperature']:.3f})",
-                     f"{held_out:.4f}", f"**{test_ece[-1]:.4f}**", f"{test_split_ece(fold['stored_temperature']):.4f}",
-                     f"{test_split_ece(1.0):.4f}", f"{halves[index]:.4f}"])
+                     f"{held_out:.4f}", f"**{test_ece[-1]:.4f}**",
+                     f"{ece_on_test_split(fold, fold['stored_temperature']):.4f}",
+                     f"{ece_on_test_split(fold, 1.0):.4f}", f"{halves[index]:.4f}"])
     in_sample = np.concatenate([p_defect(f["logits"], f["temperature"]) for f in folds])
     rows.append(["all", f"{len(crossed['labels'])} ({int(crossed['labels'].sum())})", "",
                  f"{expected_calibration_error(in_sample, crossed['labels']):.4f}", f"median {np.median(test_ece):.4f}; {sum(e > TARGET for e in test_ece)} of {len(folds)} over {TARGET}",
