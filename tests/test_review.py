@@ -430,6 +430,13 @@ def label_state(page) -> dict[str, tuple]:
     return {name: tuple(rest) for name, *rest in page.locator("#rows tr").evaluate_all(LABEL_STATE)}
 
 
+def wait_for_labelled(page, text: str):
+    """Wait until the label bar reads `text`. The browser stores a label asynchronously: a page that loads
+    before the write lands gets it moments later through its storage event, so one immediate read can race."""
+    page.wait_for_function("text => document.getElementById('labelled').textContent === text", arg=text,
+                           timeout=10_000)
+
+
 def download_labels(page, folder: Path) -> tuple[bytes, list[list[str]]]:
     """Click the download button; -> the file's bytes and its rows as Python's csv module reads them."""
     with page.expect_download(timeout=10_000) as info:
@@ -463,10 +470,21 @@ def test_labels_persist_and_download_in_chromium(page, label_run, tmp_path):
                         confirmed: (wanted[confirmed], "", "confirmed", "\u2713 confirmed")}
     assert page.locator("#labelled").text_content() == "2 labelled (1 confirmed, 1 corrected)"
 
+    other = page.context.new_page()  # the same run open in a second tab: it shows the labels, and follows changes
+    open_page(other, output / "index.html")
+    wait_for_labelled(other, "2 labelled (1 confirmed, 1 corrected)")
+    assert label_state(other) == labelled
+    row_of(page, corrected).locator("button[aria-pressed=true]").click()
+    wait_for_labelled(other, "1 labelled (1 confirmed, 0 corrected)")
+    row_of(page, corrected).locator(f"button[data-label={wanted[corrected]}]").click()
+    wait_for_labelled(other, "2 labelled (1 confirmed, 1 corrected)")
+    assert label_state(other) == labelled
+    other.close()
+
     page.reload()
     page.wait_for_selector("body[data-ready]", timeout=30_000)
-    assert label_state(page) == labelled  # kept in the browser
-    assert page.locator("#labelled").text_content() == "2 labelled (1 confirmed, 1 corrected)"
+    wait_for_labelled(page, "2 labelled (1 confirmed, 1 corrected)")  # kept in the browser
+    assert label_state(page) == labelled
     page.click(f"button[data-filter={predictions[corrected]['prediction']}]")  # a filter view shows them too
     assert label_state(page)[corrected] == labelled[corrected]
     page.click("button[data-filter=all]")
