@@ -37,3 +37,17 @@ def test_the_unfamiliar_count_is_what_the_checkpoint_flags(familiar_checkpoint, 
     assert new_line.cells(scored["mixed"])[-1] == f"{scored['mixed']['unfamiliar']} / {len(mixed)}"
     without = new_line.score(tiny_checkpoint, {"steel": sets["steel"]})
     assert without["steel"]["unfamiliar"] is None and new_line.cells(without["steel"])[-1] == "-"
+
+
+def test_each_line_is_its_camera_change_and_draws_the_same_noise_for_the_same_image():
+    image = steel_like_batch([7])[0]
+    sample, other = (type("Sample", (), {"relpath": path})() for path in ("IMAGES/a.jpg", "IMAGES/b.jpg"))
+    for name, (_, change) in new_line.LINES.items():
+        seen = new_line.line_image(sample, image, name)
+        assert seen.shape == image.shape and seen.dtype == np.uint8 and not np.array_equal(seen, image), name
+        assert np.array_equal(seen, new_line.line_image(sample, image, name)), name  # drawn again: the same
+    noisy = new_line.DEFAULT_LINE
+    assert not np.array_equal(new_line.line_image(sample, image, noisy), new_line.line_image(other, image, noisy))
+    assert np.array_equal(new_line.line_image(sample, image, "blur2.5"), new_line.line_image(other, image, "blur2.5"))
+    flat = new_line.line_image(sample, image, noisy).astype(float)
+    assert flat.std() < image.astype(float).std()  # contrast x0.3 flattens more than noise sigma 10 adds back
