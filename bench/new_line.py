@@ -159,8 +159,8 @@ def main(argv=None) -> int:
     sets = {"new line": (perturbed_pixels(originals, change, size), labels),
             "clean NEU": (perturbed_pixels(originals, lambda im, rng: im, size), labels)}
     print("\n".join(machine_lines()))
-    print(f"new line: {args.line} ({described}); scored on the {args.split} split of {args.model} ({len(held_out)} images, "
-          f"{int(labels.sum())} scratches), new line and clean", flush=True)
+    print(f"new line: {args.line} ({described}); scored on the {args.split} split of {args.model} "
+          f"({len(held_out)} images, {int(labels.sum())} scratches), new line and clean", flush=True)
 
     shipped = score(Path(args.model), sets)
     rows = [["shipped model", "0", *cells(shipped["new line"]), *cells(shipped["clean NEU"]), "-"]]

@@ -1,8 +1,9 @@
-"""bench/new_line.py's scoring: each model's familiarity flags, counted as infer.py would flag them, beside its
-verdicts; a checkpoint without statistics has none to count."""
+"""bench/new_line.py: each model's familiarity flags, counted as infer.py would flag them, beside its verdicts (a
+checkpoint without statistics has none to count); each line's camera change, drawn the same for the same image."""
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ def test_the_unfamiliar_count_is_what_the_checkpoint_flags(familiar_checkpoint, 
 
 def test_each_line_is_its_camera_change_and_draws_the_same_noise_for_the_same_image():
     image = steel_like_batch([7])[0]
-    sample, other = (type("Sample", (), {"relpath": path})() for path in ("IMAGES/a.jpg", "IMAGES/b.jpg"))
+    sample, other = SimpleNamespace(relpath="IMAGES/a.jpg"), SimpleNamespace(relpath="IMAGES/b.jpg")
     for name, (_, change) in new_line.LINES.items():
         seen = new_line.line_image(sample, image, name)
         assert seen.shape == image.shape and seen.dtype == np.uint8 and not np.array_equal(seen, image), name
