@@ -117,6 +117,16 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def bench_module(name: str):
+    """A module only bench/requirements.txt installs: skipped without it, failed in CI, which installs it."""
+    try:
+        return __import__(name)
+    except ImportError as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} cannot be imported in CI ({error}); CI installs bench/requirements.txt")
+        pytest.skip(f"{name} not installed: pip install -r bench/requirements.txt")
+
+
 @pytest.fixture(scope="session")
 def neu_dir() -> Path:
     """The real NEU-DET copy ($NEU_DATA_DIR). Required in CI; skipped elsewhere when unset."""

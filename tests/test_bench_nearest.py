@@ -6,10 +6,9 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, bench_module
 
 sys.path.insert(0, str(ROOT / "bench"))
 import unfamiliar  # noqa: E402  (bench/unfamiliar.py)
@@ -34,8 +33,8 @@ def test_the_whitened_distance_is_the_mahalanobis_distance_and_zero_on_a_trainin
 
 
 def test_the_third_held_out_set_is_built_from_what_the_bench_requirements_install(tmp_path):
-    pytest.importorskip("skimage")
-    pytest.importorskip("pydicom")
+    bench_module("skimage")
+    bench_module("pydicom")
     made = unfamiliar.write_non_steel(tmp_path, unfamiliar.NON_STEEL_THIRD)
     assert len(made) == len(unfamiliar.NON_STEEL_THIRD) == 15
     from PIL import Image

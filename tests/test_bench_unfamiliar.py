@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, bench_module
 
 sys.path.insert(0, str(ROOT / "bench"))
 import unfamiliar  # noqa: E402  (bench/unfamiliar.py)
@@ -74,7 +74,7 @@ def test_a_gimp_pattern_is_read_as_its_pixels(tmp_path):
 
 
 def test_the_fifth_held_out_set_holds_no_earlier_picture_and_no_near_duplicate():
-    pytest.importorskip("pydicom")
+    bench_module("pydicom")
     images = {name: np.asarray(load()) for name, (_, load) in unfamiliar.fifth_set().items()}
     assert images and not {f"dicom_{name[:-4]}" for name in unfamiliar.USED_DICOM} & set(images)
     assert all(min(a.shape[:2]) >= unfamiliar.MIN_SIDE and a.dtype == np.uint8 for a in images.values())
