@@ -69,13 +69,13 @@ def labelled_pool(train: list, count: int, seed: int) -> list:
                   key=lambda s: s.relpath)
 
 
-def line_image(sample, image: np.ndarray, line: str = DEFAULT_LINE) -> np.ndarray:
-    """One NEU image as the new line shows it; its noise seeded by its path in the NEU data, not by any list, so
-    the same image gets the same noise wherever it is drawn."""
+def line_image(sample, image: np.ndarray, line: str) -> np.ndarray:
+    """One NEU image as the line named `line` (a key of LINES) shows it; its noise seeded by its path in the NEU
+    data, not by any list, so the same image gets the same noise wherever it is drawn."""
     return LINES[line][1](image, np.random.default_rng(zlib.crc32(sample.relpath.encode())))
 
 
-def unsure_order(train: list, model_path: Path, line: str = DEFAULT_LINE, device: str = "cpu") -> list:
+def unsure_order(train: list, model_path: Path, line: str, device: str = "cpu") -> list:
     """The new line's training images, those the model is least sure about first: its calibrated p(defect)
     nearest its threshold in log-odds, as a person labels them when the review page lists unsure rows first.
     Ranked once; a count of N labels the first N."""
@@ -88,7 +88,7 @@ def unsure_order(train: list, model_path: Path, line: str = DEFAULT_LINE, device
     return [train[i] for i in np.argsort(distance, kind="stable")]
 
 
-def write_line_folder(folder: Path, samples: list, line: str = DEFAULT_LINE) -> Path:
+def write_line_folder(folder: Path, samples: list, line: str) -> Path:
     """The new line's labelled images as PNG (lossless: the change is the camera, not the file) with neutral names,
     and labels.csv as the review page writes it."""
     folder.mkdir(parents=True)
