@@ -1,12 +1,14 @@
 """Shared fixtures. Tests make their own small images; real NEU data only through $NEU_DATA_DIR."""
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,14 +119,22 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def unavailable(what: str, reason: str, warn: bool = False):
+    """Something `what` needs is missing: a failure in CI (.ci/run provides everything), a skip elsewhere, with
+    the reason as a warning too when `warn`."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} cannot run in CI: {reason}")
+    if warn:
+        warnings.warn(f"{what} skipped: {reason}")
+    pytest.skip(reason)
+
+
 def bench_module(name: str):
-    """A module only bench/requirements.txt installs: skipped without it, failed in CI, which installs it."""
+    """A module only bench/requirements.txt installs (.ci/run installs it)."""
     try:
-        return __import__(name)
+        return importlib.import_module(name)
     except ImportError as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} cannot be imported in CI ({error}); CI installs bench/requirements.txt")
-        pytest.skip(f"{name} not installed: pip install -r bench/requirements.txt")
+        unavailable(f"tests that need {name}", f"{name} not installed ({error}); pip install -r bench/requirements.txt")
 
 
 @pytest.fixture(scope="session")
@@ -132,9 +142,7 @@ def neu_dir() -> Path:
     """The real NEU-DET copy ($NEU_DATA_DIR). Required in CI; skipped elsewhere when unset."""
     value = os.environ.get("NEU_DATA_DIR")
     if not value or not Path(value).is_dir():
-        if os.environ.get("CI"):
-            pytest.fail("NEU_DATA_DIR must point at the NEU-DET copy in CI")
-        pytest.skip("NEU_DATA_DIR not set")
+        unavailable("the NEU data tests", "NEU_DATA_DIR not set (it must point at the NEU-DET copy)")
     return Path(value).resolve()  # tests run scripts from other working directories
 
 

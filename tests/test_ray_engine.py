@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, kill9_when, run_script, save_image
+from conftest import ROOT, kill9_when, run_script, save_image, unavailable
 from scratch_detector.storage import JOURNAL_DIR, SEGMENT_GLOB
 
 try:
@@ -35,9 +35,7 @@ N_GOOD = 56
 @pytest.fixture(scope="module", autouse=True)
 def ray_available():
     if RAY_MISSING:
-        if os.environ.get("CI"):
-            pytest.fail(f"the Ray tests cannot run in CI: {RAY_MISSING}")
-        pytest.skip(RAY_MISSING)
+        unavailable("the Ray tests", RAY_MISSING)
 
 
 def make_folder(root: Path) -> None:

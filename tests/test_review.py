@@ -16,13 +16,12 @@ import random
 import re
 import shutil
 import time
-import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from conftest import run_script, save_image
+from conftest import run_script, save_image, unavailable
 
 from scratch_detector import review
 
@@ -170,10 +169,7 @@ def test_page_is_written_atomically(tmp_path):
 # Browser tests: headless Chromium (Debian package) driven by Playwright
 # ---------------------------------------------------------------------------------------------------------
 def browser_unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"browser tests cannot run in CI: {reason}")
-    warnings.warn(f"review page browser tests skipped: {reason}")
-    pytest.skip(reason)
+    unavailable("review page browser tests", reason, warn=True)
 
 
 @pytest.fixture(scope="module")
