@@ -4,6 +4,7 @@ handles badly, without forgetting NEU?
     python bench/new_line.py                        # 20, 40 and 80 labelled images; scored on the test split
     python bench/new_line.py --counts 80 --split val
     python bench/new_line.py --line blur2.5 --counts       # another camera change; the shipped model only
+    python bench/new_line.py --counts 80 --draws 20        # also the new line under 19 more draws of its noise
 
 The new line is NEU under a camera change the training never draws (LINES). The default, flat-noisy (contrast
 x0.3 and sensor noise; the training's camera augmentation keeps contrast >= 0.5), was picked on the shipped
@@ -16,6 +17,9 @@ PNGs with labels.csv into a temp folder, and `python train.py --init model_binar
 fine-tunes on them as a user would (timed, wall clock, as a child process). The shipped and each fine-tuned model
 are then scored on the new line's --split images (the same NEU images under the same change, never labelled) and
 on the clean NEU --split images (nothing forgotten), each at its own threshold. The temp folder is deleted.
+
+A noisy line's figures are those of one draw of its noise on the held-out images. --draws K scores every model on
+K draws (the first the table's), to tell a shortfall that the images carry from one that the draw does.
 """
 from __future__ import annotations
 
@@ -121,6 +125,35 @@ def score(model_path: Path, sets: dict, device: str = "cpu") -> dict:
     return scores
 
 
+def redrawn(change, draw: int):
+    """The camera change with the noise of draw `draw`: draw 0 is `change` itself (the table's); a later one seeds
+    its noise by the image's own seed and the draw."""
+    if draw == 0:
+        return change
+    return lambda im, rng: change(im, np.random.default_rng([int(rng.integers(2 ** 62)), draw]))
+
+
+def draws_found(model_path: Path, draws: list[torch.Tensor], labels: np.ndarray, device: str = "cpu") -> dict:
+    """Per draw of the line's noise, the scratches found and the false alarms at the checkpoint's threshold; per
+    image, in how many draws it was judged wrong."""
+    model, meta = load_checkpoint(model_path, device)
+    threshold = float(meta["threshold"])
+    wrong = np.zeros(len(labels), dtype=int)
+    found, false_alarms = [], []
+    for pixels in draws:
+        said = predict_probabilities(model, pixels, meta["normalization"], 64, device).numpy() >= threshold
+        found.append(int((said & (labels == 1)).sum()))
+        false_alarms.append(int((said & (labels == 0)).sum()))
+        wrong += said != (labels == 1)
+    return {"found": found, "false_alarms": false_alarms, "wrong": wrong}
+
+
+def draw_cells(d: dict, scratches: int) -> list[str]:
+    found, k = np.array(d["found"]), len(d["found"])
+    return [f"{found.min()} / {np.median(found):g} / {found.max()}", f"{int((found == scratches).sum())} of {k}",
+            f"{found.sum() / (scratches * k):.4f}", f"{sum(d['false_alarms'])}"]
+
+
 def cells(m: dict) -> list[str]:
     matrix = m["confusion_matrix"]
     return [f"{m['accuracy']:.4f}", f"{m['recall']:.4f} ({matrix['tp']}/{matrix['tp'] + matrix['fn']})",
@@ -140,7 +173,11 @@ def parse_args(argv=None):
     p.add_argument("--pick", choices=["spread", "unsure"], default="spread",
                    help="which training images a person labels: spread (default: at random, half scratches, the rest "
                    "spread over the other classes) or unsure (those the model is least sure about)")
+    p.add_argument("--draws", type=int, default=1,
+                   help="draws of the line's noise to score the new line on (default: 1, the table's)")
     args, extra = p.parse_known_args(argv)
+    if args.draws < 1:
+        p.error("--draws must be 1 or more")
     args.train_args = extra  # passed to train.py as they are (e.g. --epochs 3)
     return args
 
@@ -158,11 +195,17 @@ def main(argv=None) -> int:
     described, change = LINES[args.line]
     sets = {"new line": (perturbed_pixels(originals, change, size), labels),
             "clean NEU": (perturbed_pixels(originals, lambda im, rng: im, size), labels)}
+    draws = [perturbed_pixels(originals, redrawn(change, d), size) for d in range(args.draws)]
+    if args.draws > 1 and torch.equal(draws[0], draws[1]):
+        sys.exit(f"error: --draws: the line {args.line} draws no noise, so every draw is the same")
+    draw_rows = []
     print("\n".join(machine_lines()))
     print(f"new line: {args.line} ({described}); scored on the {args.split} split of {args.model} "
           f"({len(held_out)} images, {int(labels.sum())} scratches), new line and clean", flush=True)
 
     shipped = score(Path(args.model), sets)
+    if args.draws > 1:
+        draw_rows.append(("shipped model", draws_found(Path(args.model), draws, labels)))
     rows = [["shipped model", "0", *cells(shipped["new line"]), *cells(shipped["clean NEU"]), "-"]]
     unsure = unsure_order(splits["train"], Path(args.model), args.line) if args.pick == "unsure" else None
     with tempfile.TemporaryDirectory(prefix="new_line_") as tmp:
@@ -180,6 +223,8 @@ def main(argv=None) -> int:
             check(run, " ".join(command))
             print(run.log.read_text(errors="replace").split("held-out labelled images")[-1].rstrip(), flush=True)
             tuned = score(checkpoint, sets)
+            if args.draws > 1:
+                draw_rows.append((f"fine-tuned on {count}", draws_found(checkpoint, draws, labels)))
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(checkpoint, args.keep / checkpoint.name)
@@ -192,6 +237,17 @@ def main(argv=None) -> int:
                           "new line ECE", "new line unfamiliar", "clean NEU accuracy", "clean NEU recall",
                           "clean NEU false alarms", "clean NEU ECE", "clean NEU unfamiliar",
                           "fine-tune wall s (whole train.py)"], rows))
+    if draw_rows:
+        scratches = int(labels.sum())
+        print(f"\n## The new line under {args.draws} draws of its noise ({args.split} split, {scratches} scratches; "
+              "draw 0 is the table's)\n")
+        print(markdown_table(["model", "scratches found per draw (min / median / max)", "draws with every scratch",
+                              "recall over the draws", "false alarms over the draws"],
+                             [[name, *draw_cells(d, scratches)] for name, d in draw_rows]))
+        for name, d in draw_rows:
+            often = [(int(w), held_out[i].relpath) for i, w in enumerate(d["wrong"]) if w]
+            print(f"{name}: judged wrong in k of {args.draws} draws: "
+                  + (", ".join(f"{Path(path).stem} {w}" for w, path in sorted(often, reverse=True)) or "none"))
     print(f"\ntrain.py arguments added: {' '.join(args.train_args) or 'none'}; load average at the end "
           f"{load_average()}")
     return 0
