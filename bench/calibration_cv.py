@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     for index, fold in enumerate(folds):
         held_out = expected_calibration_error(p_defect(fold["logits"], fold["temperature"]), fold["labels"])
         test_p.append(p_defect(fold["test_logits"], fold["temperature"])), test_y.append(fold["test_labels"])
-        test_ece.append(expected_calibration_error(test_p[-1], fold["test_labels"]))
+        test_ece.append(ece_on_test_split(fold, fold["temperature"]))
         rows.append([str(index), f"{len(fold['labels'])} ({int(fold['labels'].sum())})",
                      f"{fold['temperature']:.3f} (stored {fold['stored_temperature']:.3f})",
                      f"{held_out:.4f}", f"**{test_ece[-1]:.4f}**",
@@ -123,7 +123,8 @@ def main(argv=None) -> int:
                      f"{ece_on_test_split(fold, 1.0):.4f}", f"{halves[index]:.4f}"])
     in_sample = np.concatenate([p_defect(f["logits"], f["temperature"]) for f in folds])
     rows.append(["all", f"{len(crossed['labels'])} ({int(crossed['labels'].sum())})", "",
-                 f"{expected_calibration_error(in_sample, crossed['labels']):.4f}", f"median {np.median(test_ece):.4f}; {sum(e > TARGET for e in test_ece)} of {len(folds)} over {TARGET}",
+                 f"{expected_calibration_error(in_sample, crossed['labels']):.4f}",
+                 f"median {np.median(test_ece):.4f}; {sum(e > TARGET for e in test_ece)} of {len(folds)} over {TARGET}",
                  "", "", f"{np.median(crossed['pooled']):.4f}"])
     print(markdown_table(["fold", "held-out images (scratches)", "temperature (fitted on them)",
                           "ECE held out (in-sample)", "ECE on the test split", "test split, the stored temperature",

@@ -217,8 +217,8 @@ def main(argv=None) -> int:
             labels_csv = write_line_folder(folder, pool, args.line)
             checkpoint = Path(tmp) / f"finetuned_{count}.pth"
             command = ["train.py", "--init", str(Path(args.model).resolve()), "--labels", str(labels_csv),
-                       "--replay", str(data_dir), "--output", str(checkpoint), "--reports", str(Path(tmp) / f"r{count}"),
-                       "--seed", str(args.seed), *args.train_args]
+                       "--replay", str(data_dir), "--output", str(checkpoint),
+                       "--reports", str(Path(tmp) / f"r{count}"), "--seed", str(args.seed), *args.train_args]
             run = run_child([sys.executable, *command], Path(tmp) / f"train_{count}.log")
             check(run, " ".join(command))
             print(run.log.read_text(errors="replace").split("held-out labelled images")[-1].rstrip(), flush=True)
