@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     for index, fold in enumerate(folds):
         held_out = expected_calibration_error(p_defect(fold["logits"], fold["temperature"]), fold["labels"])
         test_p.append(p_defect(fold["test_logits"], fold["temperature"])), test_y.append(fold["test_labels"])
-        test_ece.append(ece_on_test_split(fold, fold["temperature"]))
+        test_ece.append(expected_calibration_error(test_p[-1], fold["test_labels"]))  # from test_p: p computed once
         rows.append([str(index), f"{len(fold['labels'])} ({int(fold['labels'].sum())})",
                      f"{fold['temperature']:.3f} (stored {fold['stored_temperature']:.3f})",
                      f"{held_out:.4f}", f"**{test_ece[-1]:.4f}**",

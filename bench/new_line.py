@@ -141,10 +141,11 @@ def draws_found(model_path: Path, draws: list[torch.Tensor], labels: np.ndarray,
     wrong = np.zeros(len(labels), dtype=int)
     found, false_alarms = [], []
     for pixels in draws:
-        said = predict_probabilities(model, pixels, meta["normalization"], 64, device).numpy() >= threshold
-        found.append(int((said & (labels == 1)).sum()))
-        false_alarms.append(int((said & (labels == 0)).sum()))
-        wrong += said != (labels == 1)
+        p = predict_probabilities(model, pixels, meta["normalization"], 64, device).numpy()
+        matrix = binary_metrics(p, labels, threshold)["confusion_matrix"]
+        found.append(matrix["tp"])
+        false_alarms.append(matrix["fp"])
+        wrong += (p >= threshold) != (labels == 1)
     return {"found": found, "false_alarms": false_alarms, "wrong": wrong}
 
 
@@ -193,9 +194,9 @@ def main(argv=None) -> int:
     originals = decode_originals(held_out)
     size = int(meta["image_size"])
     described, change = LINES[args.line]
-    sets = {"new line": (perturbed_pixels(originals, change, size), labels),
-            "clean NEU": (perturbed_pixels(originals, lambda im, rng: im, size), labels)}
     draws = [perturbed_pixels(originals, redrawn(change, d), size) for d in range(args.draws)]
+    sets = {"new line": (draws[0], labels),
+            "clean NEU": (perturbed_pixels(originals, lambda im, rng: im, size), labels)}
     if args.draws > 1 and torch.equal(draws[0], draws[1]):
         sys.exit(f"error: --draws: the line {args.line} draws no noise, so every draw is the same")
     draw_rows = []
